@@ -1,0 +1,151 @@
+"""The denoiser: bidirectional attention, key-padding masks, GQA, KV-cache hook, logits_to_keep, HF save/load."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from mmdlm import MMDLMConfig, MMDLMForConditionalGeneration
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mask_token_id=96)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return MMDLMForConditionalGeneration(MMDLMConfig(**cfg)).eval()
+
+
+def test_attention_is_bidirectional_unless_causal():
+    x = torch.randint(0, 90, (1, 8))
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % 90  # change only the LAST token
+    for causal in (False, True):
+        m = tiny(is_causal=causal)
+        a, b = m(input_ids=x).logits, m(input_ids=y).logits
+        first_changed = not torch.allclose(a[0, 0], b[0, 0])
+        assert first_changed == (not causal)
+
+
+def test_left_padding_with_mask_equals_unpadded():
+    m = tiny(num_key_value_heads=2)
+    x = torch.randint(0, 90, (1, 7))
+    pad = 4
+    am = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1)
+    xp = torch.cat([torch.full((1, pad), 3), x], 1)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    ref = m(input_ids=x).logits
+    got = m(input_ids=xp, attention_mask=am, position_ids=pos).logits[:, pad:]
+    assert torch.allclose(ref, got, atol=1e-5)
+    # Without the mask the padding leaks into real tokens: the mask really matters.
+    leaky = m(input_ids=xp, position_ids=pos).logits[:, pad:]
+    assert not torch.allclose(ref, leaky, atol=1e-4)
+
+
+def test_padding_mask_never_turns_causal():
+    m = tiny()
+    x = torch.randint(0, 90, (1, 6))
+    am = torch.ones(1, 6, dtype=torch.long)
+    am[0, 0] = 0
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % 90
+    a = m(input_ids=x, attention_mask=am).logits
+    b = m(input_ids=y, attention_mask=am).logits
+    assert not torch.allclose(a[0, 1], b[0, 1])  # position 1 still sees the last token
+
+
+def test_gqa_matches_repeated_heads():
+    m = tiny(num_attention_heads=4, num_key_value_heads=1)
+    assert m.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
+    x = torch.randint(0, 90, (2, 5))
+    # Expand the single KV head into 4 identical heads in an MHA model: same function.
+    mha = tiny(num_attention_heads=4, num_key_value_heads=4)
+    sd = m.state_dict()
+    for k, v in list(sd.items()):
+        if k.endswith(("k_proj.weight", "v_proj.weight")):
+            sd[k] = v.repeat(4, 1)
+    mha.load_state_dict(sd)
+    assert torch.allclose(m(input_ids=x).logits, mha(input_ids=x).logits, atol=1e-5)
+
+
+def test_kv_cache_of_unchanged_positions_gives_full_forward_logits():
+    m = tiny()
+    x = torch.randint(0, 90, (2, 12))
+    full = m(input_ids=x, use_cache=True)
+    # prefix [0,4) and suffix [8,12) cached, window [4,8) recomputed: a dual cache.
+    cache = [
+        (torch.cat([k[:, :, :4], k[:, :, 8:]], 2), torch.cat([v[:, :, :4], v[:, :, 8:]], 2)) for k, v in full.cache
+    ]
+    pos = torch.arange(4, 8)[None].expand(2, 4)
+    win = m(input_ids=x[:, 4:8], cache=cache, position_ids=pos).logits
+    assert torch.allclose(win, full.logits[:, 4:8], atol=1e-5)
+
+
+def test_logits_to_keep_gathers_positions():
+    m = tiny()
+    x = torch.randint(0, 90, (2, 9))
+    full = m(input_ids=x).logits
+    idx = torch.tensor([[0, 5, 8], [2, 2, 7]])
+    got = m(input_ids=x, logits_to_keep=idx).logits
+    assert got.shape == (2, 3, 97)
+    assert torch.allclose(got[1, 2], full[1, 7], atol=1e-6) and torch.allclose(got[0, 1], full[0, 5], atol=1e-6)
+    assert torch.allclose(m(input_ids=x, logits_to_keep=2).logits, full[:, -2:], atol=1e-6)
+
+
+def test_rmsnorm_runs_in_fp32_under_bf16():
+    m = tiny()
+    x = torch.randint(0, 90, (1, 5))
+    ref = m(input_ids=x).logits
+    got = m.to(torch.bfloat16)(input_ids=x).logits
+    assert got.dtype == torch.float32  # logits are always returned in fp32
+    assert (got - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_round_trip_is_bit_exact(tmp_path, tied):
+    m = tiny(tie_word_embeddings=tied)
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mmdlm"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MMDLMConfig)
+    m2 = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(m2, MMDLMForConditionalGeneration)
+    assert (m2.lm_head.weight is m2.model.embed_tokens.weight) == tied
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_fsdp_wrap_unit_is_declared():
+    assert MMDLMForConditionalGeneration._no_split_modules == ["MMDLMDecoderLayer"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=torch.zeros(5, dtype=torch.long)), "input_ids must be an integer tensor"),
+        (dict(input_ids=torch.zeros(1, 5)), "input_ids must be an integer tensor"),
+        (dict(input_ids=torch.full((1, 5), 500)), "outside"),
+        (dict(input_ids=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 4)), "key-padding mask"),
+        (dict(inputs_embeds=torch.zeros(1, 5, 7)), "inputs_embeds must be"),
+        (dict(), "exactly one of input_ids or inputs_embeds"),
+    ],
+)
+def test_bad_inputs_say_what_is_wrong(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(**kwargs)
+
+
+def test_bad_configs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        MMDLMConfig(num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="image_token_id"):
+        MMDLMConfig(vision_config={"kind": "vit"})
+    with pytest.raises(ValueError, match="raise vocab_size"):
+        MMDLMConfig(vocab_size=100, image_token_offset=90, codebook_size=20)
+
+
+def test_image_slots_without_images_error():
+    m = tiny(vocab_size=97)
+    m.config.image_token_id = 5
+    with pytest.raises(ValueError, match="no pixel_values"):
+        m(input_ids=torch.tensor([[1, 5, 5, 2]]))
