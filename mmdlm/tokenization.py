@@ -123,33 +123,37 @@ def wrap_tokenizer(tokenizer_object: Tokenizer) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _require_id(tokenizer: Any, token: str) -> int:
+def _token_id(tokenizer: Any, token: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
-        raise ValueError(
-            f"the tokenizer has no {token!r} token; mmdlm needs its special tokens "
-            "(train one with mmdlm.tokenization.train_tokenizer)."
-        )
+    if tid is None or tokenizer.convert_ids_to_tokens(tid) != token:
+        return None
     return int(tid)
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
     """Ids of mmdlm's special tokens, keyed like :class:`~mmdlm.MMDLMConfig` fields (plus ``bos/eos/pad``)."""
-    eos = _require_id(tokenizer, EOS_TOKEN)
-    return {
-        "mask_token_id": _require_id(tokenizer, MASK_TOKEN),
-        "bos_token_id": _require_id(tokenizer, BOS_TOKEN),
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-        "eot_token_id": _require_id(tokenizer, EOT_TOKEN),
-        "start_header_token_id": _require_id(tokenizer, START_HEADER_TOKEN),
-        "end_header_token_id": _require_id(tokenizer, END_HEADER_TOKEN),
-        "image_token_id": _require_id(tokenizer, IMAGE_TOKEN),
-        "soi_token_id": _require_id(tokenizer, SOI_TOKEN),
-        "eoi_token_id": _require_id(tokenizer, EOI_TOKEN),
-        "t2i_token_id": _require_id(tokenizer, T2I_TOKEN),
-        "mmu_token_id": _require_id(tokenizer, MMU_TOKEN),
+    names = {
+        "mask_token_id": MASK_TOKEN,
+        "bos_token_id": BOS_TOKEN,
+        "eos_token_id": EOS_TOKEN,
+        "eot_token_id": EOT_TOKEN,
+        "start_header_token_id": START_HEADER_TOKEN,
+        "end_header_token_id": END_HEADER_TOKEN,
+        "image_token_id": IMAGE_TOKEN,
+        "soi_token_id": SOI_TOKEN,
+        "eoi_token_id": EOI_TOKEN,
+        "t2i_token_id": T2I_TOKEN,
+        "mmu_token_id": MMU_TOKEN,
     }
+    ids = {key: _token_id(tokenizer, token) for key, token in names.items()}
+    missing = [names[k] for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"the tokenizer lacks mmdlm's special tokens {missing}; train one with "
+            "mmdlm.tokenization.train_tokenizer (or add them as special tokens)."
+        )
+    ids["pad_token_id"] = ids["eos_token_id"]
+    return ids  # type: ignore[return-value]
 
 
 def config_token_fields(tokenizer: Any, codebook_size: int = 0) -> dict[str, Any]:
