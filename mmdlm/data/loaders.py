@@ -1,4 +1,5 @@
-"""Offline loaders for users' own data: LLaVA conversation JSON/JSONL, `imagefolder` + metadata.jsonl, JSON/Parquet tables.
+"""Offline loaders for users' own data: LLaVA conversation JSON/JSONL, `imagefolder` + metadata.jsonl,
+and JSON/Parquet tables.
 
 All loaders return lists of training examples in the shared format (see docs/architecture.md) with PIL RGB images.
 """
@@ -61,7 +62,9 @@ def open_image(source: Any, where: str = "") -> Image.Image:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"corrupt or unreadable image {path}{at}: {e}") from e
-    raise TypeError(f"unsupported image value of type {type(source).__name__}{at}; use a path, bytes or {{'bytes': ...}}")
+    raise TypeError(
+        f"unsupported image value of type {type(source).__name__}{at}; use a path, bytes or {{'bytes': ...}}"
+    )
 
 
 def _read_json_records(path: Path) -> list:
@@ -251,7 +254,17 @@ def load_table(path: str | os.PathLike, image_column: str = "image", text_column
     root = Path(image_root) if image_root is not None else path.parent
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir and str(cache_dir))
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            raise ValueError(f"{path} holds no rows")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                   cache_dir=cache_dir and str(cache_dir))
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"could not read {path} as a {builder} table (is it empty or malformed?): {cause}") from e
     if image_column in ds.column_names:
         ds = _no_decode(ds, image_column)
 

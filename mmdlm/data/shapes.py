@@ -160,7 +160,8 @@ def _phrase(size: str, color: str, shape: str, cell: int) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """Canonical caption: objects in cell order, "A." / "A and B." / "A, B and C." with A = "a <size> <color> <shape> at the <position>"."""
+    """Canonical caption: objects in cell order joined as "A." / "A and B." / "A, B and C.",
+    each object written "a <size> <color> <shape> at the <position>"."""
     phrases = [_phrase(s.size, s.color, s.shape, s.cell) for s in sorted(scene.shapes, key=lambda s: s.cell)]
     if not phrases:
         raise ValueError("cannot caption an empty scene")

@@ -184,11 +184,15 @@ def _orientation_histograms(ink: np.ndarray, cells: int = 4, bins: int = 9) -> n
 
 def _digit_features(images: Sequence[Image.Image]) -> np.ndarray:
     """Orientation histograms of a 32x32 ink map plus the 16x16 ink map (down-weighted to a similar norm)."""
-    return np.hstack([_orientation_histograms(_ink_maps(images, 32)), _ink_maps(images, 16).reshape(len(images), -1) / 8])
+    hog = _orientation_histograms(_ink_maps(images, 32))
+    return np.hstack([hog, _ink_maps(images, 16).reshape(len(images), -1) / 8])
 
 
 class DigitClassifier:
-    """An RBF SVM on stroke-orientation histograms and 16x16 ink maps, trained on the digits "train" split only (about a second)."""
+    """An RBF SVM on stroke-orientation histograms and 16x16 ink maps, trained on the digits "train" split only.
+
+    Fitting takes a few seconds on one CPU core; `predict` fits on first use.
+    """
 
     def __init__(self, C: float = 10.0):
         self.C = C
