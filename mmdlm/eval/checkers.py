@@ -59,7 +59,11 @@ def _classify(xs: np.ndarray, ys: np.ndarray, w: np.ndarray) -> tuple[str, float
 
 
 def detect_shapes(image: Image.Image) -> list[dict]:
-    """Find the shapes of a Shapes-world image: list of {"color", "shape", "size", "cell"} sorted by cell."""
+    """Find the shapes of a Shapes-world image: list of {"color", "shape", "size", "cell"} sorted by cell.
+
+    Each dict also carries the estimated "diameter" and bounding-box centre "cx", "cy" in pixels of a 64x64 image
+    (other sizes are resized to 64x64 first). Blobs with under ~12 px of ink are ignored as specks.
+    """
     from scipy import ndimage
 
     rgb = _as_array(image)
@@ -130,6 +134,7 @@ def _match_scores(predicted: list[dict], reference: list[dict]) -> dict:
 
 def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     """Check a drawn image against its prompt (caption string, Scene, or (size, color, shape, cell) tuples).
+    A caption that `parse_caption` rejects raises ValueError.
 
     Returns {"count": bool, "color"/"shape"/"size"/"position": fraction of requested objects drawn with that
     attribute right, "all_correct": bool, "detected": the detector's output}.
