@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
-from .tokenization import EOS_TOKEN, EOT_TOKEN, IMAGE_TOKEN, special_token_ids
+from .tokenization import IMAGE_TOKEN, special_token_ids
 from .vision.image_processing import MMDLMImageProcessor, load_image
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -251,7 +251,10 @@ class MMDLMProcessor:
                 ids.append(list(s) + [pad_id] * fill)
                 mask.append([1] * len(s) + [0] * fill)
         if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            return {
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.tensor(mask, dtype=torch.long),
+            }
         return {"input_ids": ids, "attention_mask": mask}
 
     # ------------------------------------------------------------------------------------------------ chat
@@ -427,7 +430,8 @@ class MMDLMProcessor:
             codes_t = codes_t[None]
         if codes_t.dim() != 2 or codes_t.is_floating_point():
             raise ValueError(f"codes must be integer ids of shape [N] or [B, N], got {tuple(codes_t.shape)}.")
-        if codes_t.numel() and (int(codes_t.min()) < 0 or (self.codebook_size and int(codes_t.max()) >= self.codebook_size)):
+        too_big = self.codebook_size and codes_t.numel() and int(codes_t.max()) >= self.codebook_size
+        if codes_t.numel() and (int(codes_t.min()) < 0 or too_big):
             raise ValueError(
                 f"image codes must lie in [0, {self.codebook_size or 'codebook_size'}), got "
                 f"[{int(codes_t.min())}, {int(codes_t.max())}]; pass raw codes, not token ids."
@@ -442,9 +446,8 @@ class MMDLMProcessor:
                 [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
             )
             chat_ids = self.tokenizer(chat, add_special_tokens=False)["input_ids"]
-            out.append(
-                [t["mmu_token_id"], t["soi_token_id"], *[c + self.image_token_offset for c in row], t["eoi_token_id"], *chat_ids]
-            )
+            image_ids = [c + self.image_token_offset for c in row]
+            out.append([t["mmu_token_id"], t["soi_token_id"], *image_ids, t["eoi_token_id"], *chat_ids])
         return out
 
     # ------------------------------------------------------------------------------------------------ decoding
