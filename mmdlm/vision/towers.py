@@ -1,0 +1,361 @@
+"""Vision towers behind one factory: a from-scratch timm ViT, any timm model, any open_clip model, HF SigLIP.
+
+Every tower maps [B, 3, H, W] pixels to [B, num_patches, hidden_size] features taken from one hidden state
+(LLaVA's ``mm_vision_select_layer`` / ``mm_vision_select_feature``). Nothing ever downloads: weights come only
+from a local ``checkpoint_path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("vit", "timm", "open_clip", "siglip")
+_COMMON_KEYS = {"kind", "select_layer", "select_feature", "checkpoint_path", "prune_layers", "image_mean", "image_std"}
+_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vit": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_ratio=4.0, class_token=False),
+    "timm": dict(model_name=None, image_size=None, model_kwargs={}),
+    "open_clip": dict(model_name=None, image_size=None, model_kwargs={}),
+    "siglip": dict(siglip_config=None),
+}
+_COMMON_DEFAULTS = dict(select_layer=-2, select_feature="patch", checkpoint_path=None, prune_layers=True,
+                        image_mean=None, image_std=None)
+
+# google/siglip-so400m-patch14-384, the tower LLaDA-V ships (pass siglip_config="so400m-patch14-384").
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+_SIGLIP_PRESETS = {"so400m-patch14-384": SIGLIP_SO400M_384}
+_TIMM_UNUSED_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.", "norm.")
+
+
+def _normalise_config(config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise TypeError(f"vision tower config must be a dict, got {type(config).__name__}")
+    kind = config.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown vision tower kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    allowed = _COMMON_KEYS | set(_KIND_DEFAULTS[kind])
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} for vision tower kind {kind!r}; allowed: {sorted(allowed)}")
+    cfg = {"kind": kind, **copy.deepcopy(_COMMON_DEFAULTS), **copy.deepcopy(_KIND_DEFAULTS[kind])}
+    cfg.update(copy.deepcopy(config))
+    if cfg["select_feature"] not in ("patch", "cls_patch"):
+        raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {cfg['select_feature']!r}")
+    if not isinstance(cfg["select_layer"], int) or isinstance(cfg["select_layer"], bool):
+        raise ValueError(f"select_layer must be an int (e.g. -2), got {cfg['select_layer']!r}")
+    if kind in ("timm", "open_clip") and not isinstance(cfg["model_name"], str):
+        raise ValueError(f"vision tower kind {kind!r} needs a 'model_name' string")
+    if kind == "siglip":
+        sc = cfg["siglip_config"]
+        if isinstance(sc, str):
+            if sc not in _SIGLIP_PRESETS:
+                raise ValueError(f"unknown siglip_config preset {sc!r}; presets: {sorted(_SIGLIP_PRESETS)}")
+            sc = dict(_SIGLIP_PRESETS[sc])
+        if not isinstance(sc, dict):
+            raise ValueError("vision tower kind 'siglip' needs 'siglip_config': a SiglipVisionConfig dict or a preset "
+                             f"name from {sorted(_SIGLIP_PRESETS)}")
+        cfg["siglip_config"] = {**sc, "vision_use_head": False}  # the pooling head is never used
+    for key in ("image_mean", "image_std"):
+        if cfg[key] is not None and len(cfg[key]) != 3:
+            raise ValueError(f"{key} must have 3 values, got {cfg[key]!r}")
+    if cfg["checkpoint_path"] is not None:
+        cfg["checkpoint_path"] = os.fspath(cfg["checkpoint_path"])
+    try:
+        json.dumps(cfg)
+    except TypeError as e:
+        raise ValueError(f"vision tower config must be JSON-serialisable (it is stored in config.json): {e}") from e
+    return cfg
+
+
+def _resolve_layer(select_layer: int, num_layers: int) -> int:
+    """Index into LLaVA's hidden_states tuple (entry 0 = embeddings, entry i = output of block i)."""
+    idx = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"select_layer={select_layer} is out of range for a tower with {num_layers} layers "
+                         f"(valid: {-(num_layers + 1)} .. {num_layers})")
+    return idx
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vision tower checkpoint_path {path!r} does not exist; point it at a local "
+                                ".safetensors / .pt file (nothing is downloaded)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path!r} does not hold a flat state dict of tensors")
+    return sd
+
+
+def _load_weights(module: nn.Module, path: str, ignorable: set[str], ignorable_prefixes: tuple[str, ...] = ()) -> None:
+    """Load ``path`` into ``module``, finding the key prefix (``visual.``, ``module.``, ``vision_model.``, ...)
+    under which the checkpoint stores it. Keys of parts we deliberately dropped are ignored; anything else
+    missing or unexpected is an error."""
+    sd = _read_state_dict(path)
+    model_keys = set(module.state_dict())
+    known = model_keys | ignorable
+    anchors = sorted(model_keys)[:4] + sorted(ignorable)[:2]
+    candidates = {""} | {ck[: len(ck) - len(mk)] for ck in sd for mk in anchors if ck.endswith("." + mk)}
+    best = max(sorted(candidates), key=lambda p: sum(1 for k in sd if k.startswith(p) and k[len(p):] in known))
+    picked = {k[len(best):]: v for k, v in sd.items() if k.startswith(best)}
+    missing = sorted(model_keys - set(picked))
+    unexpected = sorted(k for k in picked if k not in known and not k.startswith(ignorable_prefixes))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path!r} does not match the configured tower (key prefix {best!r}): "
+                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    try:
+        module.load_state_dict({k: v for k, v in picked.items() if k in model_keys}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path!r} has tensors of the wrong shape for the configured tower: {e}") from e
+
+
+class _SiglipTrunk(nn.Module):
+    """Holds the HF model as ``vision_model`` so keys read ``vision_model.*`` as in LLaDA-V checkpoints."""
+
+    def __init__(self, siglip_config: dict):
+        super().__init__()
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+        self.vision_model = SiglipVisionModel(SiglipVisionConfig(**siglip_config))
+
+
+class VisionTower(nn.Module):
+    """A vision encoder that returns one selected hidden state as [B, num_patches, hidden_size] features."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = _normalise_config(config)
+        cfg, kind = self.config, self.config["kind"]
+        builder = {"vit": self._build_vit, "timm": self._build_timm, "open_clip": self._build_open_clip,
+                   "siglip": self._build_siglip}[kind]
+        self._trunk_attr: str | None = None  # "trunk" when open_clip wraps a timm model
+        target, full_keys = builder(cfg)  # target: the module a checkpoint file describes
+        if cfg["checkpoint_path"] is not None:
+            prefixes = _TIMM_UNUSED_PREFIXES if kind in ("vit", "timm") else ("head.",) if kind == "siglip" else ()
+            _load_weights(target, cfg["checkpoint_path"], full_keys - set(target.state_dict()), prefixes)
+        if self._hidden_size is None:
+            self._probe()
+
+    # ---------------------------------------------------------------------------------------------------- builders
+    def _setup_timm_vit(self, m: nn.Module, cfg: dict) -> None:
+        self._backend = "timm_vit"
+        self._layer = _resolve_layer(cfg["select_layer"], len(m.blocks))
+        if cfg["prune_layers"]:
+            m.blocks = m.blocks[: self._layer]
+        # The classifier side (final norm, pooling, head) is never run; dropping it keeps every parameter used.
+        m.norm, m.fc_norm, m.head, m.attn_pool = nn.Identity(), nn.Identity(), nn.Identity(), None
+        self._prefix = m.num_prefix_tokens
+        gh, gw = m.patch_embed.grid_size
+        self._image_size = m.patch_embed.img_size[0]
+        self._hidden_size = m.embed_dim
+        self._num_patches = gh * gw + (self._prefix if cfg["select_feature"] == "cls_patch" else 0)
+
+    def _build_vit(self, cfg: dict) -> tuple[nn.Module, set[str]]:
+        from timm.models.vision_transformer import VisionTransformer
+        if cfg["image_size"] % cfg["patch_size"]:
+            raise ValueError(f"image_size {cfg['image_size']} must be a multiple of patch_size {cfg['patch_size']}")
+        m = VisionTransformer(img_size=cfg["image_size"], patch_size=cfg["patch_size"], embed_dim=cfg["width"],
+                              depth=cfg["depth"], num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"],
+                              class_token=cfg["class_token"], global_pool="token" if cfg["class_token"] else "avg",
+                              num_classes=0)
+        full = set(m.state_dict())
+        self.vision_tower = m
+        self._setup_timm_vit(m, cfg)
+        self._mean = tuple(cfg["image_mean"] or (0.5, 0.5, 0.5))
+        self._std = tuple(cfg["image_std"] or (0.5, 0.5, 0.5))
+        return m, full
+
+    def _build_timm(self, cfg: dict) -> tuple[nn.Module, set[str]]:
+        import timm
+        name = cfg["model_name"]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5)
+            raise ValueError(f"unknown timm model {name!r}" + (f"; did you mean {close}?" if close else ""))
+        kwargs = dict(cfg["model_kwargs"])
+        if cfg["image_size"] is not None:
+            kwargs["img_size"] = cfg["image_size"]
+        try:
+            m = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            # Convolutional models take any input size; image_size then only sets the processor's resolution.
+            kwargs.pop("img_size")
+            m = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        self.vision_tower = m
+        full = set(m.state_dict())
+        self._setup_timm_any(m, cfg)
+        data_cfg = timm.data.resolve_model_data_config(m)
+        self._mean = tuple(cfg["image_mean"] or data_cfg["mean"])
+        self._std = tuple(cfg["image_std"] or data_cfg["std"])
+        if self._image_size is None:
+            self._image_size = cfg["image_size"] or data_cfg["input_size"][-1]
+        return m, full
+
+    def _setup_timm_any(self, m: nn.Module, cfg: dict) -> None:
+        from timm.models.vision_transformer import VisionTransformer
+        if isinstance(m, VisionTransformer):
+            self._setup_timm_vit(m, cfg)
+            return
+        if not hasattr(m, "forward_intermediates"):
+            raise ValueError(f"timm model {type(m).__name__} has no forward_intermediates(); pick a ViT or a "
+                             "model that supports feature extraction")
+        if cfg["select_feature"] != "patch":
+            raise ValueError("select_feature='cls_patch' needs a ViT-style tower; use 'patch' for this timm model")
+        # For non-ViT timm models select_layer indexes forward_intermediates' feature list (-1 = last stage).
+        self._backend, self._hidden_size, self._image_size = "timm_generic", None, None
+        if cfg["prune_layers"]:
+            self._take = m.prune_intermediate_layers([cfg["select_layer"]], prune_norm=True, prune_head=True)
+        else:
+            self._take = [cfg["select_layer"]]
+
+    def _build_open_clip(self, cfg: dict) -> tuple[nn.Module, set[str]]:
+        import open_clip  # imported here only: some machines lack it
+        from open_clip.transformer import VisionTransformer as OCViT
+        name = cfg["model_name"]
+        if ":" in name:
+            raise ValueError(f"open_clip model_name {name!r} uses a hub/schema prefix; nothing is downloaded. Use a "
+                             "built-in name (open_clip.list_models()) and a local checkpoint_path")
+        if name not in open_clip.list_models():
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+            raise ValueError(f"unknown open_clip model {name!r}" + (f"; did you mean {close}?" if close else ""))
+        kwargs = dict(cfg["model_kwargs"])
+        if cfg["image_size"] is not None:
+            kwargs["force_image_size"] = cfg["image_size"]
+        visual = open_clip.create_model(name, pretrained=None, **kwargs).visual
+        self._mean = tuple(cfg["image_mean"] or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        self._std = tuple(cfg["image_std"] or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+        self.vision_tower = visual
+        full = set(visual.state_dict())
+        if isinstance(visual, OCViT):
+            self._backend = "oc_vit"
+            self._layer = _resolve_layer(cfg["select_layer"], len(visual.transformer.resblocks))
+            if cfg["prune_layers"]:
+                visual.transformer.resblocks = visual.transformer.resblocks[: self._layer]
+            visual.ln_post, visual.proj, visual.attn_pool = nn.Identity(), None, None
+            self._prefix = 1
+            gh, gw = visual.grid_size
+            self._image_size = visual.image_size[0]
+            self._hidden_size = visual.transformer.width
+            self._num_patches = gh * gw + (1 if cfg["select_feature"] == "cls_patch" else 0)
+        elif hasattr(visual, "trunk"):  # open_clip's TimmModel wrapper
+            visual.head = nn.Identity()
+            self._trunk_attr = "trunk"
+            self._setup_timm_any(visual.trunk, cfg)
+            if self._image_size is None:
+                self._image_size = cfg["image_size"] or visual.image_size[0]
+        else:
+            raise ValueError(f"open_clip model {name!r} has a {type(visual).__name__} image trunk; only ViT and "
+                             "timm trunks are supported")
+        return visual, full
+
+    def _build_siglip(self, cfg: dict) -> tuple[nn.Module, set[str]]:
+        self.vision_tower = _SiglipTrunk(cfg["siglip_config"])
+        vm = self.vision_tower.vision_model
+        full = set(vm.state_dict())
+        self._backend = "siglip"
+        self._layer = _resolve_layer(cfg["select_layer"], len(vm.encoder.layers))
+        if cfg["prune_layers"]:  # LLaDA-V deletes the last layer; with select_layer=-2 this matches its keys
+            del vm.encoder.layers[self._layer:]
+        # post_layernorm is kept (its keys are in LLaDA-V checkpoints) but never used, so it is not trained.
+        vm.post_layernorm.requires_grad_(False)
+        c = vm.config
+        self._prefix = 0
+        self._image_size = c.image_size
+        self._hidden_size = c.hidden_size
+        self._num_patches = (c.image_size // c.patch_size) ** 2
+        self._mean = tuple(cfg["image_mean"] or (0.5, 0.5, 0.5))
+        self._std = tuple(cfg["image_std"] or (0.5, 0.5, 0.5))
+        return vm, full
+
+    @torch.no_grad()
+    def _probe(self) -> None:
+        was_training = self.training
+        self.eval()
+        out = self._features(torch.zeros(1, 3, self._image_size, self._image_size, dtype=self.dtype))
+        self.train(was_training)
+        self._num_patches, self._hidden_size = out.shape[1], out.shape[2]
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._backend
+        m = getattr(self.vision_tower, self._trunk_attr) if self._trunk_attr else self.vision_tower
+        if b == "timm_vit":
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+            for blk in m.blocks[: self._layer]:
+                x = blk(x)
+        elif b == "oc_vit":
+            v = m
+            x = v._embeds(x)
+            batch_first = getattr(v.transformer, "batch_first", True)
+            x = x if batch_first else x.transpose(0, 1)
+            for blk in v.transformer.resblocks[: self._layer]:
+                x = blk(x)
+            x = x if batch_first else x.transpose(0, 1)
+        elif b == "siglip":
+            vm = self.vision_tower.vision_model
+            x = vm.embeddings(x)
+            for layer in vm.encoder.layers[: self._layer]:
+                x = layer(x, None)
+        else:  # timm_generic
+            x = m.forward_intermediates(x, indices=self._take, intermediates_only=True, stop_early=True)[0]
+            return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+        if self.config["select_feature"] == "patch" and self._prefix:
+            x = x[:, self._prefix:]
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised pixels -> [B, num_patches, hidden_size] features of the selected layer."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[-2:] != (self._image_size, self._image_size):
+            raise ValueError(f"this vision tower takes {self._image_size}x{self._image_size} images, got "
+                             f"{tuple(pixel_values.shape[-2:])}; resize with MMDLMImageProcessor(image_size=...)")
+        return self._features(pixel_values.to(self.dtype))
+
+    # ---------------------------------------------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._hidden_size)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self._num_patches)
+
+    @property
+    def image_size(self) -> int:
+        return int(self._image_size)
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return tuple(float(x) for x in self._mean)  # type: ignore[return-value]
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return tuple(float(x) for x in self._std)  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.config['kind']!r}, select_layer={self.config['select_layer']}, "
+                f"num_patches={self.num_patches}, hidden_size={self.hidden_size}")
+
+
+def create_vision_tower(config: dict) -> VisionTower:
+    """Build a :class:`VisionTower` from a JSON-serialisable dict whose ``kind`` is one of ``vit``, ``timm``,
+    ``open_clip``, ``siglip`` (see the module docstring and ``_KIND_DEFAULTS`` for each kind's keys)."""
+    return VisionTower(config)
