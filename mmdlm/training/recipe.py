@@ -253,7 +253,7 @@ def _type_name(tp: Any) -> str:
             return "one of the types " + ", ".join(repr(_literal_type(a)) for a in args)
         inner = " or ".join(_type_name(a) for a in args)
         return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
-    if origin is list:
+    if origin in (list, tuple):
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         val = typing.get_args(tp)[1]
@@ -298,6 +298,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value not in typing.get_args(tp):
             raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
         return value
+    if origin is tuple:  # only the homogeneous tuple[X, ...] form (VQConfig.channel_mult)
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected list of {_type_name(typing.get_args(tp)[0])}, got {_describe(value)}")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
@@ -455,7 +460,12 @@ def _check_vq_fields(vq: dict[str, Any]) -> None:
     except ImportError:
         return
     if dataclasses.is_dataclass(VQConfig):
-        _build(VQConfig, vq, "model.image_tokenizer")
+        try:
+            _build(VQConfig, vq, "model.image_tokenizer")
+        except (ValueError, TypeError) as e:
+            if isinstance(e, RecipeError):
+                raise
+            raise RecipeError(f"model.image_tokenizer: {e}") from None
 
 
 def assign_stage_names(stages: list[Any]) -> list[Any]:
