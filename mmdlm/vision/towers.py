@@ -234,7 +234,9 @@ class VisionTower(nn.Module):
         kwargs = dict(cfg["model_kwargs"])
         if cfg["image_size"] is not None:
             kwargs["force_image_size"] = cfg["image_size"]
-        visual = open_clip.create_model(name, pretrained=None, **kwargs).visual
+        # open_clip moves its model to a device itself; keep it on meta when the caller builds on meta.
+        device = "meta" if torch.empty(0).device.type == "meta" else "cpu"
+        visual = open_clip.create_model(name, pretrained=None, device=device, **kwargs).visual
         self._mean = tuple(cfg["image_mean"] or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
         self._std = tuple(cfg["image_std"] or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
         self.vision_tower = visual
