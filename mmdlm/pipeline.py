@@ -1,0 +1,576 @@
+"""MMDLMPipeline: the user-facing API (answer / caption / chat / generate_image, streaming variants and per-call
+statistics) on top of a loaded model, its processor and its generation config."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .data.shapes import CAPTION_PROMPT
+
+# Bundled model names -> folders inside the installed package.
+BUNDLED_MODELS: dict[str, str] = {"shapes-tiny": "weights/shapes-tiny"}
+MASK_GLYPH = "░"  # how a still-masked token is shown in a partial answer
+SAMPLING_OPTIONS = (
+    "sampler", "steps", "gen_length", "block_length", "temperature", "remasking", "cfg_scale", "threshold", "cache",
+)
+# Prompts longer than this many characters are refused before tokenization (which would be slow on huge strings).
+MAX_QUESTION_CHARS = 20_000
+
+
+@dataclass
+class GenerationStats:
+    """What one call cost: ``forward_passes`` (network evaluations), ``tokens`` (positions decoded per row),
+    ``tokens_per_forward`` (= tokens / forward_passes, > 1 means parallel decoding), ``seconds`` (wall clock)."""
+
+    forward_passes: int
+    tokens: int
+    tokens_per_forward: float
+    seconds: float
+    batch_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamState:
+    """One intermediate canvas of a text answer.
+
+    ``text`` is the partial answer with every still-masked token shown as :data:`MASK_GLYPH`; ``segments`` splits
+    it into ``(text, masked)`` runs for highlighting; ``masked`` counts the masked tokens left. The last state has
+    ``done=True``, ``text`` equal to the final answer and ``stats`` set.
+    """
+
+    text: str
+    segments: list[tuple[str, bool]] = field(default_factory=list)
+    step: int = 0
+    nfe: int = 0
+    masked: int = 0
+    done: bool = False
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class ImageStreamState:
+    """One intermediate image: still-unknown image tokens are painted gray; ``done=True`` on the final image."""
+
+    image: Image.Image
+    step: int = 0
+    unknown: int = 0
+    done: bool = False
+    stats: GenerationStats | None = None
+
+
+class _Cancelled(Exception):
+    """Raised inside a sampler callback when the consumer of a stream stopped listening."""
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A bundled model name (see :data:`BUNDLED_MODELS`) or an existing local folder -> its folder."""
+    key = str(name_or_path)
+    if key in BUNDLED_MODELS:
+        path = Path(__file__).resolve().parent / BUNDLED_MODELS[key]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the bundled model {key!r} is not installed (expected its files in {path}); "
+                "reinstall mmdlm, or pass the path of a model folder"
+            )
+        return path
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model named {key!r}: it is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing folder"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key!r} is a file; pass the folder that holds the model's config.json")
+    return path
+
+
+def _is_batch(x: Any) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+def _check_text(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"the {what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"the {what} is empty; type a {what}")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the {what} is {len(text):,} characters long; the limit is {MAX_QUESTION_CHARS:,}")
+    return text
+
+
+class MMDLMPipeline:
+    """Ask questions about images, caption them, chat, and draw — one masked-diffusion model behind it all.
+
+    >>> import mmdlm
+    >>> pipe = mmdlm.load("shapes-tiny")
+    >>> pipe.answer("shapes.png", "what color is the circle?")
+    'red'
+
+    Sampling options (``sampler``, ``steps``, ``gen_length``, ``block_length``, ``temperature``, ``remasking``,
+    ``cfg_scale``, ``threshold``, ``cache``) default to the model's generation config and can be overridden per call.
+    After each call ``last_stats`` holds a :class:`GenerationStats`.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any, generation_config: Any = None) -> None:
+        from .generation_config import MMDLMGenerationConfig
+
+        self.model = model.eval()
+        self.processor = processor
+        self.generation_config = generation_config if generation_config is not None else MMDLMGenerationConfig()
+        self.last_stats: GenerationStats | None = None
+        # One generation at a time: streams run the sampler in a worker thread.
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = "shapes-tiny",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "MMDLMPipeline":
+        """Load a bundled model by name (``"shapes-tiny"``) or a local folder (mmdlm, LLaDA, LLaDA-V or MMaDA
+        layout) onto ``device`` (default: CUDA when available, else CPU) in ``dtype`` (default: the checkpoint's)."""
+        from .checkpoints import load_checkpoint
+
+        path = resolve_model_path(name_or_path)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer, info = load_checkpoint(path, dtype=dtype, device=device)
+        processor = _load_processor(path, tokenizer, model)
+        gen_config = _load_generation_config(path, info, model)
+        return cls(model, processor, gen_config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def can_understand_images(self) -> bool:
+        return bool(self.model.config.can_understand_images)
+
+    @property
+    def can_draw_images(self) -> bool:
+        return bool(self.model.config.can_draw_images)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # text answers
+
+    def answer(self, image: Any, question: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """Answer ``question`` about ``image`` (path, PIL image or numpy array). Lists of images and questions
+        (equal lengths; one question is reused for every image) give a list of answers, decoded as one batch."""
+        conversations, batched = self._vqa_conversations(image, question)
+        answers = self._generate_text(conversations, sampling)
+        return answers if batched else answers[0]
+
+    def caption(self, image: Any, **sampling: Any) -> str | list[str]:
+        """Describe ``image`` (or each image of a list) with the model's caption instruction."""
+        return self.answer(image, CAPTION_PROMPT, **sampling)
+
+    def chat(self, messages: Sequence[dict], **sampling: Any) -> str:
+        """Continue a conversation in transformers-5 message format and return the assistant's reply.
+
+        ``messages`` is a list of ``{"role": "user"|"assistant"|"system", "content": str | [blocks]}`` with blocks
+        ``{"type": "image", "image": <path | PIL | array>}`` and ``{"type": "text", "text": ...}``.
+        """
+        return self._generate_text([self._check_messages(messages)], sampling)[0]
+
+    def stream_answer(self, image: Any, question: str, **sampling: Any) -> Iterator[StreamState]:
+        """Like :meth:`answer` for one image, yielding a :class:`StreamState` after every denoising step."""
+        conversations, batched = self._vqa_conversations(image, question)
+        if batched:
+            raise ValueError("stream_answer takes one image and one question; use answer() for batches")
+        return self._stream_text(conversations, sampling)
+
+    def stream_chat(self, messages: Sequence[dict], **sampling: Any) -> Iterator[StreamState]:
+        """Like :meth:`chat`, yielding a :class:`StreamState` after every denoising step."""
+        return self._stream_text([self._check_messages(messages)], sampling)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # images
+
+    def generate_image(
+        self,
+        prompt: str | Sequence[str],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        temperature: float = 1.0,
+    ) -> Image.Image | list[Image.Image]:
+        """Draw ``prompt`` (or each prompt of a list) with MaskGIT decoding; ``seed`` makes it reproducible."""
+        prompts, batched = (list(prompt), True) if _is_batch(prompt) else ([prompt], False)
+        images = self._generate_images(prompts, steps, guidance_scale, seed, temperature, callback=None)
+        return images if batched else images[0]
+
+    def stream_image(
+        self,
+        prompt: str,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        temperature: float = 1.0,
+    ) -> Iterator[ImageStreamState]:
+        """Like :meth:`generate_image` for one prompt, yielding the partly decoded image (unknown tokens gray)."""
+        if _is_batch(prompt):
+            raise ValueError("stream_image takes one prompt; use generate_image() for batches")
+        self._check_can_draw()
+        _check_text(prompt, "prompt")
+        grid = self._image_grid()
+
+        def run(emit: Callable[[Any], None]) -> list[Image.Image]:
+            def on_step(step: int, codes: torch.Tensor) -> None:
+                image, unknown = self._render_partial_image(codes[0], grid)
+                emit(ImageStreamState(image=image, step=step, unknown=unknown))
+
+            return self._generate_images([prompt], steps, guidance_scale, seed, temperature, on_step)
+
+        last_step = -1
+        for item in _run_streaming(run, self._lock):
+            if isinstance(item, ImageStreamState):
+                last_step = item.step
+                yield item
+            else:
+                yield ImageStreamState(image=item[0], step=last_step, unknown=0, done=True, stats=self.last_stats)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # internals: text
+
+    def _vqa_conversations(self, image: Any, question: Any) -> tuple[list[list[dict]], bool]:
+        if image is None or (_is_batch(image) and len(image) == 0):
+            raise ValueError("no image given; pass an image path, a PIL image or a numpy array")
+        if not self.can_understand_images:
+            raise ValueError("this model has no vision tower, so it cannot answer questions about images")
+        batched = _is_batch(image) or _is_batch(question)
+        images = list(image) if _is_batch(image) else [image]
+        questions = list(question) if _is_batch(question) else [question]
+        if len(questions) == 1 and len(images) > 1:
+            questions = questions * len(images)
+        if len(images) == 1 and len(questions) > 1:
+            images = images * len(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions; pass one question per image")
+        from .vision.image_processing import load_image
+
+        conversations = []
+        for img, q in zip(images, questions):
+            _check_text(q, "question")
+            if img is None:
+                raise ValueError("no image given; pass an image path, a PIL image or a numpy array")
+            content = [{"type": "image", "image": load_image(img)}, {"type": "text", "text": q.strip()}]
+            conversations.append([{"role": "user", "content": content}])
+        return conversations, batched
+
+    def _check_messages(self, messages: Any) -> list[dict]:
+        from .vision.image_processing import load_image
+
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+            if m["role"] not in ("user", "assistant", "system"):
+                raise ValueError(f"message {i} has role {m['role']!r}; use 'user', 'assistant' or 'system'")
+            content = m["content"]
+            if isinstance(content, str):
+                out.append({"role": m["role"], "content": content})
+                continue
+            blocks = []
+            for block in content:
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind == "image":
+                    src = next((block[k] for k in ("image", "path", "url") if block.get(k) is not None), None)
+                    if src is None:
+                        raise ValueError(f"message {i} has an image block without an image")
+                    if isinstance(src, str) and src.startswith(("http://", "https://")):
+                        raise ValueError("image URLs are not fetched (mmdlm works offline); download the file first")
+                    if not self.can_understand_images:
+                        raise ValueError("this model has no vision tower, so it cannot read images")
+                    blocks.append({"type": "image", "image": load_image(src)})
+                elif kind == "text":
+                    blocks.append({"type": "text", "text": str(block.get("text", ""))})
+                else:
+                    raise ValueError(f"message {i} has a content block of type {kind!r}; use 'image' or 'text'")
+            out.append({"role": m["role"], "content": blocks})
+        if out[-1]["role"] != "user":
+            raise ValueError("the last message must come from the user (the model answers it)")
+        last = out[-1]["content"]
+        last_text = last if isinstance(last, str) else "".join(b["text"] for b in last if b["type"] == "text")
+        if not last_text.strip() and not (isinstance(last, list) and any(b["type"] == "image" for b in last)):
+            raise ValueError("the last user message is empty; type a question")
+        if len(last_text) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is {len(last_text):,} characters long; the limit is {MAX_QUESTION_CHARS:,}")
+        return out
+
+    def _sampling_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The caller's sampling overrides (None = "use the generation config"); the samplers merge in the rest."""
+        unknown = sorted(set(overrides) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {unknown}; valid options: {', '.join(SAMPLING_OPTIONS)}")
+        options = {k: v for k, v in overrides.items() if v is not None}
+        sampler = options.get("sampler", getattr(self.generation_config, "sampler", "fast"))
+        if sampler == "llada":  # the reference sampler has no cache and commits a fixed number per step
+            options.pop("threshold", None)
+            options.pop("cache", None)
+        return options
+
+    def _gen_length(self, options: dict[str, Any]) -> int:
+        value = options.get("gen_length", getattr(self.generation_config, "gen_length", 0))
+        return value if isinstance(value, int) else 0
+
+    def _encode(self, conversations: list[list[dict]], gen_length: int) -> dict[str, Any]:
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in dict(inputs).items()}
+        if isinstance(inputs.get("pixel_values"), list):
+            inputs["pixel_values"] = [p.to(self.device) for p in inputs["pixel_values"]]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        prompt_len = inputs["input_ids"].shape[1]
+        if limit and prompt_len + int(gen_length) > limit:
+            raise ValueError(
+                f"the prompt is {prompt_len} tokens and the answer {int(gen_length)} tokens, more than the model's "
+                f"{limit}-token context; shorten the question (or the conversation) or lower gen_length"
+            )
+        return inputs
+
+    def _run_text(self, conversations: list[list[dict]], sampling: dict[str, Any], callback: Callable | None):
+        """Encode, sample and decode; returns (answers, stats)."""
+        from .sampling import generate
+
+        options = self._sampling_options(sampling)
+        start = time.perf_counter()
+        inputs = self._encode(conversations, self._gen_length(options))
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", None)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let the samplers take their unpadded path
+        extra = {k: inputs[k] for k in ("pixel_values", "image_sizes") if inputs.get(k) is not None}
+        with torch.no_grad():
+            out = generate(self.model, input_ids, attention_mask, generation_config=self.generation_config,
+                           callback=callback, **extra, **options)
+        prompt_len = input_ids.shape[1]
+        answers = self.processor.batch_decode_answers(out.sequences, prompt_len)
+        seconds = time.perf_counter() - start
+        gen = out.sequences.shape[1] - prompt_len
+        nfe = int(out.nfe or 0)
+        stats = GenerationStats(forward_passes=nfe, tokens=gen, tokens_per_forward=(gen / nfe if nfe else 0.0),
+                                seconds=seconds, batch_size=input_ids.shape[0])
+        return answers, stats
+
+    def _generate_text(self, conversations: list[list[dict]], sampling: dict[str, Any]) -> list[str]:
+        with self._lock:
+            answers, stats = self._run_text(conversations, sampling, None)
+        self.last_stats = stats
+        return answers
+
+    def _stream_text(self, conversations: list[list[dict]], sampling: dict[str, Any]) -> Iterator[StreamState]:
+        options = self._sampling_options(sampling)  # fail fast, before the worker starts
+        gen_length = self._gen_length(options)
+
+        def run(emit: Callable[[Any], None]) -> Any:
+            calls = _ForwardCounter(self.model)
+
+            def on_step(step: int, x: torch.Tensor) -> None:
+                emit(self._render_partial_text(x[0, x.shape[1] - gen_length:], step, calls.count))
+
+            with calls:
+                return self._run_text(conversations, sampling, on_step)
+
+        def states() -> Iterator[StreamState]:
+            last_step = -1
+            for item in _run_streaming(run, self._lock):
+                if isinstance(item, StreamState):
+                    last_step = item.step
+                    yield item
+                else:
+                    answers, stats = item
+                    self.last_stats = stats
+                    text = answers[0]
+                    yield StreamState(text=text, segments=[(text, False)] if text else [], step=last_step,
+                                      nfe=stats.forward_passes, masked=0, done=True, stats=stats)
+
+        return states()
+
+    def _render_partial_text(self, gen_ids: torch.Tensor, step: int, nfe: int) -> StreamState:
+        """Decode committed tokens run by run; show masks as MASK_GLYPH and stop at the first committed end token."""
+        cfg, tok = self.model.config, self.processor.tokenizer
+        stop_ids = {i for i in (cfg.eot_token_id, getattr(cfg, "eos_token_id", None), tok.eos_token_id) if i is not None}
+        mask_id = cfg.mask_token_id
+        segments: list[tuple[str, bool]] = []
+        run: list[int] = []
+        masked = 0
+
+        def flush() -> None:
+            if run:
+                text = tok.decode(run, skip_special_tokens=True)
+                if text:
+                    segments.append((text, False))
+                run.clear()
+
+        for t in gen_ids.tolist():
+            if t == mask_id:
+                flush()
+                segments.append((MASK_GLYPH, True))
+                masked += 1
+            elif t in stop_ids:
+                break
+            else:
+                run.append(t)
+        flush()
+        text = "".join(s for s, _ in segments).lstrip()
+        return StreamState(text=text, segments=segments, step=step, nfe=nfe, masked=masked)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # internals: images
+
+    def _check_can_draw(self) -> None:
+        if not self.can_draw_images:
+            raise ValueError("this model cannot draw images (it has no image tokenizer); use a text-to-image model")
+
+    def _image_grid(self) -> tuple[int, int]:
+        h, w = self.model.image_tokenizer.grid_size
+        return int(h), int(w)
+
+    def _generate_images(self, prompts: list[str], steps: int | None, guidance_scale: float | None,
+                         seed: int | None, temperature: float, callback: Callable | None) -> list[Image.Image]:
+        """Sample image codes for each prompt and decode them; holds the lock unless called from a stream."""
+        from .sampling.maskgit import generate_image_tokens
+
+        self._check_can_draw()
+        if not prompts:
+            raise ValueError("no prompt given; pass a text prompt")
+        for p in prompts:
+            _check_text(p, "prompt")
+        gc = self.generation_config
+        steps = steps if steps is not None else getattr(gc, "image_steps", 16)
+        guidance_scale = guidance_scale if guidance_scale is not None else getattr(gc, "guidance_scale", 3.5)
+        h, w = self._image_grid()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        start = time.perf_counter()
+        with (self._lock if callback is None else contextlib.nullcontext()), torch.no_grad():
+            calls = _ForwardCounter(self.model)
+            with calls:
+                codes = generate_image_tokens(
+                    self.model, self.processor.build_t2i_prompt([p.strip() for p in prompts]), h * w, steps=steps,
+                    guidance_scale=guidance_scale, temperature=temperature, generator=generator, callback=callback,
+                )
+            images = self.model.image_tokenizer.to_pil(self.model.image_tokenizer.decode(codes.view(-1, h, w)))
+        passes = calls.count
+        self.last_stats = GenerationStats(forward_passes=passes, tokens=h * w,
+                                          tokens_per_forward=h * w / passes if passes else 0.0,
+                                          seconds=time.perf_counter() - start, batch_size=len(prompts))
+        return images
+
+    def _render_partial_image(self, codes: torch.Tensor, grid: tuple[int, int]) -> tuple[Image.Image, int]:
+        """Decode the known codes (the sampler marks unknown ones -1) and paint the unknown patches gray."""
+        h, w = grid
+        unknown = codes.reshape(h, w) < 0
+        filled = codes.reshape(1, h, w).clamp(min=0)
+        pixels = self.model.image_tokenizer.decode(filled.to(self.device))[0].float().cpu()
+        _, H, W = pixels.shape
+        cell = unknown.cpu().repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
+        pixels[:, : cell.shape[0], : cell.shape[1]][:, cell] = 0.5
+        return self.model.image_tokenizer.to_pil(pixels)[0], int(unknown.sum())
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+class _ForwardCounter:
+    """Counts the model's top-level forward calls while active (what a stream reports as forward passes)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.count, self._handle = model, 0, None
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> "_ForwardCounter":
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def _run_streaming(run: Callable[[Callable[[Any], None]], Any], lock: threading.Lock) -> Iterator[Any]:
+    """Run ``run(emit)`` in a worker thread (holding ``lock``) and yield what it emits, then its return value.
+
+    Exceptions from the worker are re-raised here unchanged. If the consumer stops early, the next ``emit`` raises
+    inside the worker so the sampler stops too.
+    """
+    items: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    ITEM, DONE, ERROR = 0, 1, 2
+
+    def emit(item: Any) -> None:
+        if stop.is_set():
+            raise _Cancelled()
+        items.put((ITEM, item))
+
+    def worker() -> None:
+        try:
+            with lock, torch.no_grad():  # grad mode is per thread
+                result = run(emit)
+            items.put((DONE, result))
+        except _Cancelled:
+            items.put((DONE, None))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer thread
+            items.put((ERROR, e))
+
+    thread = threading.Thread(target=worker, name="mmdlm-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, payload = items.get()
+            if kind == ERROR:
+                raise payload
+            yield payload
+            if kind == DONE:
+                return
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def _load_processor(path: Path, tokenizer: Any, model: Any) -> Any:
+    """The folder's saved processor, else one built from the model config and the checkpoint's tokenizer."""
+    from .processing import PROCESSOR_CONFIG_NAME, MMDLMProcessor
+
+    if (path / PROCESSOR_CONFIG_NAME).is_file():
+        return MMDLMProcessor.from_pretrained(path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{str(path)!r} has neither {PROCESSOR_CONFIG_NAME} nor a tokenizer; "
+                                "save one with MMDLMProcessor.save_pretrained(folder)")
+    return MMDLMProcessor.from_config(model.config, tokenizer, vision_tower=getattr(model.model, "vision_tower", None))
+
+
+def _load_generation_config(path: Path, info: Any, model: Any) -> Any:
+    """Decoding defaults: the checkpoint loader's, else the folder's generation_config.json, else the model's."""
+    from .generation_config import MMDLMGenerationConfig, load_generation_config
+
+    found = info.get("generation_config") if isinstance(info, dict) else getattr(info, "generation_config", None)
+    if isinstance(found, MMDLMGenerationConfig):
+        return found
+    if (path / "generation_config.json").is_file():
+        return load_generation_config(path)
+    own = getattr(model, "generation_config", None)
+    return own if isinstance(own, MMDLMGenerationConfig) else MMDLMGenerationConfig()
