@@ -166,7 +166,7 @@ class VQImageTokenizer(nn.Module):
                              "(use VQImageTokenizer.preprocess)")
 
     def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        e = self.embedding
+        e = self.embedding.float()  # distances in fp32 even when the module was cast to half precision
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return dist.argmin(1)
 
