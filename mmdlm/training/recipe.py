@@ -27,6 +27,7 @@ class ModelRecipe:
     """Denoiser sizes (see :class:`mmdlm.MMDLMConfig`), the vision tower dict (given to
     ``mmdlm.vision.towers.create_vision_tower``; ``None`` = no understanding), and the VQ image tokenizer's
     :class:`~mmdlm.vision.image_tokenizer.VQConfig` fields (``None`` = the model cannot draw).
+    ``image_tokenizer_path`` reuses a VQ tokenizer trained by another run (instead of an image_tokenizer stage).
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
     tokenizer are reused and the size fields here are ignored."""
 
@@ -46,6 +47,7 @@ class ModelRecipe:
     use_image_newline: bool = False
     image_processor: Optional[dict[str, Any]] = None
     image_tokenizer: Optional[dict[str, Any]] = None
+    image_tokenizer_path: Optional[str] = None
     init_from: Optional[str] = None
 
 
@@ -450,6 +452,12 @@ def validate(recipe: Recipe) -> Recipe:
         )
     if "image_tokenizer" in kinds and recipe.model.image_tokenizer is None:
         raise RecipeError("model.image_tokenizer: an image_tokenizer stage needs the VQ config here")
+    if recipe.model.image_tokenizer_path is not None and (
+            "image_tokenizer" in kinds or recipe.model.image_tokenizer is not None):
+        raise RecipeError(
+            "model.image_tokenizer_path: reuse a trained image tokenizer OR train one (model.image_tokenizer + an "
+            "image_tokenizer stage), not both"
+        )
     return recipe
 
 

@@ -417,14 +417,14 @@ def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
                 f"no tokenizer: add a 'tokenizer' stage, set tokenizer.path, or keep {ctx.output_dir / 'tokenizer'}"
             )
         tokenizer = _load_tokenizer(path)
-    if vq is None and m.image_tokenizer is not None:
+    if vq is None and (m.image_tokenizer is not None or m.image_tokenizer_path is not None):
         from ..vision.image_tokenizer import VQImageTokenizer
 
-        path = ctx.output_dir / "image_tokenizer"
+        path = Path(m.image_tokenizer_path) if m.image_tokenizer_path else ctx.output_dir / "image_tokenizer"
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(
-                f"model.image_tokenizer is set but no trained image tokenizer exists; add an 'image_tokenizer' stage "
-                f"(or keep {path})"
+                f"no trained image tokenizer at {path}; add an 'image_tokenizer' stage or set "
+                "model.image_tokenizer_path to a folder written by one"
             )
         vq = VQImageTokenizer.from_pretrained(path)
     return _fresh_model(ctx, tokenizer, vq, index)

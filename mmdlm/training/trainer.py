@@ -200,6 +200,12 @@ class StageTrainer:
         """Train to ``stage.steps``. Returns True when finished, False when stopped by ``stop_after``
         (steps in this call), after saving a checkpoint to resume from."""
         acc, stage = self.acc, self.stage
+        ga = self.grad_accum
+        if ga > 1 and acc.distributed_type == "DEEPSPEED":
+            raise ValueError(
+                f"{stage.name}: grad_accum={ga} with DeepSpeed: DeepSpeed steps after every backward; set "
+                "grad_accum: 1 and raise batch_size (or the number of processes) instead"
+            )
         self.model, self.optimizer = acc.prepare(self.raw_model, self.optimizer)
         model = self.model
         # FSDP2 swaps parameters for sharded ones during prepare; the optimizer's groups hold the live ones.
@@ -240,16 +246,18 @@ class StageTrainer:
                 if stage.grad_clip > 0:
                     norm = acc.clip_grad_norm_(self.params, stage.grad_clip)
                 else:
-                    norm = torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
-                norm = float(norm)
-                if not math.isfinite(norm):
+                    grads = [p.grad.norm() for p in self.params if p.grad is not None]
+                    norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+                if norm is None:  # DeepSpeed clips inside its engine and reports no norm
+                    norm = float("nan")
+                elif not math.isfinite(norm := float(norm)):
                     self._diverged(step, "the gradient norm", norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
                 step += 1
-                totals["grad_norm"] = norm
+                if math.isfinite(norm):
+                    totals["grad_norm"] = norm
                 for k, v in totals.items():
                     window.setdefault(k, []).append(v)
                 bar.update(1)
