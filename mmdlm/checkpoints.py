@@ -1,0 +1,601 @@
+"""Load real LLaDA, LLaDA-V and MMaDA checkpoints (and mmdlm's own) from a local folder into
+:class:`~mmdlm.MMDLMForConditionalGeneration`, natively: no ``trust_remote_code``, no hub, no pickles.
+
+Supported layouts (``config.json`` decides, see :func:`detect_layout`):
+
+* ``llada``   -- GSAI-ML/LLaDA-8B-Base/Instruct: OLMo config (``d_model``, ``n_layers``, ...) and OLMo keys
+  (``model.transformer.blocks.N.q_proj`` ...), renamed to LLaMA names with a fixed table (:data:`OLMO_TOP_LEVEL`, :data:`OLMO_BLOCK`).
+* ``mmada``   -- Gen-Verse/MMaDA-8B-*: the ``llada`` layout with ``model_type "mmada"``, vocab resized to
+  ``llm_vocab_size + codebook_size``; image code ``c`` is token ``len(tokenizer) + c`` (126349 + c).
+  No image tokenizer is bundled (MAGVIT-v2 lives elsewhere), so the loaded model can read image *codes* but
+  ``config.image_tokenizer_config`` stays None and it cannot draw pixels until one is attached.
+* ``llada_v`` -- GSAI-ML/LLaDA-V: ``model_type "llava_llada"``, LLaMA keys (= ours), SigLIP tower under
+  ``model.vision_tower.vision_tower.vision_model.*``, ``model.mm_projector.{0,2}`` and ``model.image_newline``.
+  The SigLIP config comes from, in order: a ``vision_config`` dict in config.json; ``vision_tower/config.json``
+  (a SigLIP folder's config: a SiglipConfig or SiglipVisionConfig); ``mm_vision_tower`` naming a local SigLIP
+  folder (absolute or relative to the checkpoint); the built-in so400m-patch14-384 shape when ``mm_vision_tower``
+  names that model. LLaDA-V stores the tower without its last layer (it uses layer -2); both that and a full tower
+  load.
+* ``llada_llama`` -- the text-only LLaDA LM with LLaMA keys, as LLaDA-V's conversion script writes it.
+* ``mmdlm``   -- ``model_type "mmdlm"`` (what ``save_pretrained`` writes).
+
+LLaDA-family tokenizers have no ``<image>``, ``<|soi|>``, ``<|eoi|>``, ``<|t2i|>``, ``<|mmu|>`` tokens; the loader
+renames reserved tokens to those names (ids unchanged, so ``len(tokenizer)`` and MMaDA's offsets hold):
+``<|soi|>``/``<|eoi|>``/``<|t2i|>``/``<|mmu|>`` take MMaDA's reserved slots 0/1/4/5 (126084/5/8/9) and ``<image>``
+takes the reserved token just before ``<|mdm_mask|>`` (126335). LLaDA-V itself writes ``<image>`` as -200 in
+text; a real id is needed for the feature slots, and a reserved one is never produced by the real tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .configuration_mmdlm import MMDLMConfig
+from .tokenization import (BOS_TOKEN, CHAT_TEMPLATE, END_HEADER_TOKEN, EOS_TOKEN, EOT_TOKEN, EOI_TOKEN, IMAGE_TOKEN,
+                           MASK_TOKEN, MMU_TOKEN, SOI_TOKEN, START_HEADER_TOKEN, T2I_TOKEN)
+
+LAYOUTS = ("mmdlm", "llada", "mmada", "llada_v", "llada_llama")
+_LAYOUT_HELP = (
+    "supported layouts: 'mmdlm' (model_type \"mmdlm\"); 'llada' (OLMo fields d_model, n_layers, n_heads, "
+    "mlp_hidden_size; keys model.transformer.*); 'mmada' (the same with model_type \"mmada\" or codebook_size); "
+    "'llada_v' (model_type \"llava_llada\" or mm_* fields with hidden_size, num_hidden_layers); 'llada_llama' "
+    "(model_type \"llada\" with hidden_size, num_hidden_layers and keys model.layers.*)"
+)
+LLADA_V_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+# LLaDA-V's conversation template: its system prompt unless the chat brings one, then LLaDA's format.
+LLADA_V_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', 'content': '"
+    + LLADA_V_SYSTEM_PROMPT + "'}] + messages -%}{%- endif -%}" + CHAT_TEMPLATE
+)
+# OLMo (original LLaDA / MMaDA) names -> LLaMA names (LLaDA-V / mmdlm). ff_proj is the SiLU-gated branch,
+# up_proj the linear one, the block's ff_out the down projection; the top-level ff_out is the LM head.
+OLMO_TOP_LEVEL = {"model.transformer.wte.weight": "model.embed_tokens.weight",
+                  "model.transformer.ln_f.weight": "model.norm.weight",
+                  "model.transformer.ff_out.weight": "lm_head.weight"}
+OLMO_BLOCK = {"attn_norm": "input_layernorm", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+              "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
+              "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj"}
+# Real LLaDA ids, used only when a folder has no tokenizer.
+_REAL_IDS = {BOS_TOKEN: 126080, EOS_TOKEN: 126081, MASK_TOKEN: 126336, START_HEADER_TOKEN: 126346,
+             END_HEADER_TOKEN: 126347, EOT_TOKEN: 126348, SOI_TOKEN: 126084, EOI_TOKEN: 126085, T2I_TOKEN: 126088,
+             MMU_TOKEN: 126089, IMAGE_TOKEN: 126335}
+_REAL_VOCAB, _REAL_TEXT_LEN = 126464, 126349
+_MMADA_RESERVED = {SOI_TOKEN: 0, EOI_TOKEN: 1, T2I_TOKEN: 4, MMU_TOKEN: 5}
+_SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be loaded faithfully; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`load_checkpoint` found and did."""
+
+    layout: str
+    path: str
+    weight_files: list[str]
+    num_tensors: int
+    num_parameters: int
+    special_token_ids: dict[str, int] = field(default_factory=dict)
+    renamed_tokens: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    generation_config: Any = None  # the source model's decoding defaults (None for mmdlm folders: see the folder)
+
+
+@dataclass
+class _Stored:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+# ------------------------------------------------------------------------------------------------ folder reading
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {file}: {e}; the file must be valid JSON.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def scan_weights(folder: Path) -> dict[str, _Stored]:
+    """Name, file, shape and dtype of every stored tensor, read from safetensors headers only (no data)."""
+    from safetensors import safe_open
+
+    index_file = folder / "model.safetensors.index.json"
+    claimed: dict[str, str] = {}
+    if index_file.exists():
+        claimed = _read_json(index_file).get("weight_map") or {}
+        if not claimed:
+            raise CheckpointError(f"{index_file} has no weight_map; re-download it or delete it to use the shards.")
+        names = sorted(set(claimed.values()))
+        lost = [n for n in names if not (folder / n).is_file()]
+        if lost:
+            raise CheckpointError(
+                f"{index_file.name} names {len(lost)} shard file(s) missing from {folder}: {lost}. The download is "
+                f"incomplete: fetch those files (or delete a stale index if the weights were re-saved)."
+            )
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (f" It holds {pickled}: mmdlm never unpickles weights; convert them to safetensors first "
+                "(safetensors.torch.save_file on a state dict you trust)." if pickled else "")
+        raise CheckpointError(f"no *.safetensors weights in {folder}.{hint}")
+    stored: dict[str, _Stored] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in stored:
+                    raise CheckpointError(f"tensor {key!r} is stored twice ({stored[key].file.name}, {file.name}).")
+                sl = f.get_slice(key)
+                stored[key] = _Stored(file, tuple(sl.get_shape()), str(sl.get_dtype()))
+    wrong = [(k, n) for k, n in claimed.items() if k not in stored or stored[k].file.name != n]
+    if wrong:
+        k, n = wrong[0]
+        raise CheckpointError(f"{index_file.name} says {len(wrong)} tensor(s) live in shards that do not hold them "
+                              f"(e.g. {k!r} in {n}); the index and shards come from different saves: re-download.")
+    return stored
+
+
+def detect_layout(config: dict[str, Any], keys: Optional[list[str]] = None) -> str:
+    """Which of :data:`LAYOUTS` a ``config.json`` dict describes (``keys`` only improve the error message)."""
+    mt = config.get("model_type")
+    if mt == "mmdlm":
+        return "mmdlm"
+    olmo = all(f in config for f in ("d_model", "n_layers", "n_heads"))
+    llama = all(f in config for f in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+    if olmo and (mt == "mmada" or "codebook_size" in config or "new_vocab_size" in config):
+        return "mmada"
+    if olmo and mt in ("llada", None):
+        return "llada"
+    if llama and (mt == "llava_llada" or (mt == "llada" and any(k.startswith("mm_") for k in config))):
+        return "llada_v"
+    if llama and mt == "llada":
+        return "llada_llama"
+    seen_keys = f"; weight keys start {sorted(keys)[:4]}" if keys else ""
+    raise CheckpointError(
+        f"unknown checkpoint layout: config.json has model_type={mt!r} and fields {sorted(config)[:25]}"
+        f"{seen_keys}. {_LAYOUT_HELP}. Convert the checkpoint to one of these or load it with its own code."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def _load_tokenizer(folder: Path):
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer grumbles about the unknown model_type in config.json
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the folder and a fix
+        raise CheckpointError(f"the tokenizer in {folder} does not load with AutoTokenizer ({e}); it needs "
+                              "tokenizer.json + tokenizer_config.json.") from e
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def adapt_llada_tokenizer(tokenizer, chat_template: str = CHAT_TEMPLATE) -> tuple[Any, dict[str, str]]:
+    """Give a LLaDA-family tokenizer mmdlm's special-token names by renaming reserved tokens (ids unchanged):
+    ``<|soi|> <|eoi|> <|t2i|> <|mmu|>`` = reserved 0, 1, 4, 5 (MMaDA) and ``<image>`` = the reserved token just
+    before ``<|mdm_mask|>``. Returns the new tokenizer (mask token and ``chat_template`` set) and the renames."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = tokenizer.get_vocab()
+    if MASK_TOKEN not in vocab:
+        raise CheckpointError(f"the tokenizer has no {MASK_TOKEN} token, so it is not a LLaDA-family tokenizer.")
+    renames: dict[str, str] = {}
+    for name, k in _MMADA_RESERVED.items():
+        if name not in vocab and f"<|reserved_token_{k}|>" in vocab:
+            renames[f"<|reserved_token_{k}|>"] = name
+    before_mask = tokenizer.convert_ids_to_tokens(vocab[MASK_TOKEN] - 1)
+    if IMAGE_TOKEN not in vocab and re.fullmatch(r"<\|reserved_token_\d+\|>", before_mask or ""):
+        renames[before_mask] = IMAGE_TOKEN
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    for tok in data.get("added_tokens", []):
+        tok["content"] = renames.get(tok["content"], tok["content"])
+    model_vocab = data.get("model", {}).get("vocab")
+    if isinstance(model_vocab, dict):
+        for old, new in renames.items():
+            if old in model_vocab:
+                model_vocab[new] = model_vocab.pop(old)
+    specials = [t for t in (START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN, IMAGE_TOKEN, SOI_TOKEN, EOI_TOKEN,
+                            T2I_TOKEN, MMU_TOKEN) if t in vocab or t in renames.values()]
+    new = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+        pad_token=tokenizer.pad_token or EOS_TOKEN, mask_token=MASK_TOKEN, additional_special_tokens=specials,
+        add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,
+        model_max_length=tokenizer.model_max_length,
+    )
+    new.chat_template = chat_template
+    if len(new) != len(tokenizer):
+        raise CheckpointError(f"renaming reserved tokens changed the tokenizer size ({len(tokenizer)} -> {len(new)}).")
+    return new, renames
+
+
+def _token_id(tokenizer, token: str, vocab_size: int) -> Optional[int]:
+    """The token's id in the tokenizer, else the real LLaDA id when the vocab is LLaDA's size, else None."""
+    if tokenizer is not None:
+        tid = tokenizer.get_vocab().get(token)
+        return None if tid is None else int(tid)
+    return _REAL_IDS.get(token) if vocab_size >= _REAL_VOCAB else None
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _require(cfg: dict, fields: tuple[str, ...], layout: str, file: Path) -> None:
+    absent = [f for f in fields if cfg.get(f) is None]
+    if absent:
+        raise CheckpointError(f"{file} looks like a {layout!r} checkpoint but lacks {absent}; add them.")
+
+
+def _olmo_config(cfg: dict, file: Path) -> dict[str, Any]:
+    _require(cfg, ("d_model", "n_layers", "n_heads"), "llada", file)
+    # OLMo switches LLaDA never uses; each would change the computation, so refuse rather than run it wrong.
+    expected = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "alibi": False,
+                "rope": True, "include_bias": False, "include_qkv_bias": False, "scale_logits": False,
+                "input_emb_norm": False, "attention_layer_norm": False, "layer_norm_with_affine": True,
+                "clip_qkv": None, "weight_tying": cfg.get("weight_tying", False)}
+    bad = {k: cfg[k] for k, v in expected.items() if k in cfg and cfg[k] != v and not (k == "rope" and cfg[k] is None)}
+    if bad:
+        raise CheckpointError(
+            f"{file} sets {bad}; LLaDA's block is {{{', '.join(f'{k}: {v!r}' for k, v in expected.items())}}}. "
+            "This is not a LLaDA/MMaDA checkpoint mmdlm can run faithfully."
+        )
+    n_heads = cfg["n_heads"]
+    n_kv = cfg.get("n_kv_heads") or (1 if cfg.get("multi_query_attention") else n_heads)
+    return dict(
+        vocab_size=cfg.get("embedding_size") or cfg.get("vocab_size"),
+        hidden_size=cfg["d_model"],
+        intermediate_size=cfg.get("mlp_hidden_size") or cfg.get("mlp_ratio", 4) * cfg["d_model"],
+        num_hidden_layers=cfg["n_layers"], num_attention_heads=n_heads, num_key_value_heads=n_kv,
+        max_position_embeddings=cfg.get("max_sequence_length", 4096),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+    )
+
+
+def _llama_config(cfg: dict, file: Path, notes: list[str]) -> dict[str, Any]:
+    _require(cfg, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
+             "llada_v", file)
+    bad = {k: cfg[k] for k in ("attention_bias", "mlp_bias") if cfg.get(k)}
+    if cfg.get("hidden_act", "silu") != "silu":
+        bad["hidden_act"] = cfg["hidden_act"]
+    if cfg.get("rope_scaling"):
+        bad["rope_scaling"] = cfg["rope_scaling"]
+    if bad:
+        raise CheckpointError(f"{file} sets {bad}; LLaDA's LM has no biases, SiLU gates and plain RoPE. This is "
+                              "not a LLaDA-V checkpoint mmdlm can run faithfully.")
+    if "rope_theta" not in cfg:
+        notes.append("config.json has no rope_theta; used LLaDA's 500000.")
+    return dict(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim"), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rope_theta=float(cfg.get("rope_theta", 500000.0)), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def _siglip_config(cfg: dict, folder: Path, notes: list[str]) -> dict[str, Any]:
+    """The SigLIP vision config of a LLaDA-V folder (see the module docstring for where it is looked for)."""
+    found, where = None, None
+    tower = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    candidates = [(cfg.get("vision_config"), "config.json vision_config")]
+    for sub in [folder / "vision_tower"] + ([Path(tower), folder / tower] if isinstance(tower, str) else []):
+        if (sub / "config.json").is_file():
+            candidates.append((_read_json(sub / "config.json"), str(sub / "config.json")))
+    for found, where in candidates:
+        if isinstance(found, dict):
+            break
+    else:
+        found = None
+    if found is None and isinstance(tower, str) and "so400m-patch14-384" in tower:
+        from .vision.towers import SIGLIP_SO400M_384
+
+        found, where = dict(SIGLIP_SO400M_384), f"the built-in shape of {tower}"
+    if found is None:
+        raise CheckpointError(
+            f"{folder} is a LLaDA-V checkpoint but no SigLIP config was found (mm_vision_tower={tower!r}). Give one: "
+            "a 'vision_config' dict (SiglipVisionConfig fields) in config.json, a vision_tower/config.json copied "
+            "from the SigLIP folder, or set mm_vision_tower to a local SigLIP folder."
+        )
+    if isinstance(found.get("vision_config"), dict):  # a full SiglipConfig (text + vision)
+        found = found["vision_config"]
+    if found.get("model_type", "siglip_vision_model") not in ("siglip_vision_model", "siglip"):
+        raise CheckpointError(f"the vision config from {where} has model_type {found.get('model_type')!r}; only "
+                              "SigLIP (fixed-resolution) towers are supported.")
+    notes.append(f"SigLIP config from {where}.")
+    return {k: found[k] for k in _SIGLIP_FIELDS if k in found}
+
+
+def _vision_fields(cfg: dict, folder: Path, keys: list[str], notes: list[str]) -> dict[str, Any]:
+    siglip = _siglip_config(cfg, folder, notes)
+    if cfg.get("mm_hidden_size") not in (None, siglip.get("hidden_size")):
+        raise CheckpointError(f"config.json has mm_hidden_size={cfg['mm_hidden_size']} but the SigLIP config's "
+                              f"hidden_size is {siglip.get('hidden_size')}; they must agree.")
+    select_layer = int(cfg.get("mm_vision_select_layer", -2))
+    n_cfg = int(siglip.get("num_hidden_layers", 12))
+    layer_re = re.compile(r"model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
+    n_stored = len({m.group(1) for k in keys if (m := layer_re.match(k))})
+    used = select_layer if select_layer >= 0 else n_cfg + 1 + select_layer
+    if n_stored == used and used < n_cfg:
+        prune = True
+        notes.append(f"SigLIP tower stored with {n_stored} of {n_cfg} layers (LLaVA-OneVision drops the layers after "
+                     f"mm_vision_select_layer={select_layer}); loaded pruned.")
+    elif n_stored == n_cfg:
+        prune = False
+    else:
+        raise CheckpointError(
+            f"the checkpoint stores {n_stored} SigLIP encoder layers, but the SigLIP config has {n_cfg} and "
+            f"mm_vision_select_layer={select_layer} uses {used}; fix num_hidden_layers in the vision config."
+        )
+    if "unpad" in str(cfg.get("mm_patch_merge_type", "")):
+        notes.append(f"mm_patch_merge_type={cfg['mm_patch_merge_type']!r}: LLaDA-V unpads anyres crops and adds "
+                     "image_newline after every feature row; mmdlm adds one image_newline after each image.")
+    return dict(
+        vision_config={"kind": "siglip", "siglip_config": siglip, "select_layer": select_layer,
+                       "select_feature": cfg.get("mm_vision_select_feature", "patch"), "prune_layers": prune},
+        mm_projector_type=cfg.get("mm_projector_type", "mlp2x_gelu"),
+        use_image_newline="model.image_newline" in keys,
+        image_aspect_ratio=cfg.get("image_aspect_ratio", "pad"),  # LLaDA-V: anyres_max_4
+        image_grid_pinpoints=cfg.get("image_grid_pinpoints"),
+    )
+
+
+def _special_fields(layout: str, raw: dict, tok, vocab_size: int, file: Path, notes: list[str]) -> dict[str, Any]:
+    ids = {t: _token_id(tok, t, vocab_size) for t in _REAL_IDS}
+    mask = raw.get("mask_token_id")
+    if mask is not None and ids[MASK_TOKEN] is not None and mask != ids[MASK_TOKEN]:
+        raise CheckpointError(f"{file} says mask_token_id={mask} but the tokenizer's {MASK_TOKEN} is "
+                              f"{ids[MASK_TOKEN]}; the tokenizer does not belong to these weights.")
+    out: dict[str, Any] = dict(
+        mask_token_id=mask if mask is not None else ids[MASK_TOKEN], eot_token_id=ids[EOT_TOKEN],
+        bos_token_id=ids[BOS_TOKEN], eos_token_id=ids[EOS_TOKEN] if ids[EOS_TOKEN] is not None
+        else raw.get("eos_token_id"), pad_token_id=ids[EOS_TOKEN] if ids[EOS_TOKEN] is not None
+        else raw.get("pad_token_id"),
+    )
+    if out["mask_token_id"] is None:
+        raise CheckpointError(f"cannot tell the mask token id: {file} has no mask_token_id and there is no tokenizer "
+                              f"with {MASK_TOKEN}; add mask_token_id to config.json.")
+    for name in ("soi", "eoi", "t2i", "mmu"):
+        out[f"{name}_token_id"] = ids[f"<|{name}|>"]
+    if layout == "llada_v":
+        out["image_token_id"] = ids[IMAGE_TOKEN]
+        if out["image_token_id"] is None:
+            raise CheckpointError("cannot pick an id for the <image> feature slots: put the LLaDA tokenizer "
+                                  "(tokenizer.json + tokenizer_config.json) in the checkpoint folder.")
+        # LLaDA-V's sampler forbids EOS, BOS and the two header tokens at masked positions.
+        out["banned_token_ids"] = [ids[t] for t in (EOS_TOKEN, BOS_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN)
+                                   if ids[t] is not None]
+    if layout == "mmada":
+        out["codebook_size"] = int(raw.get("codebook_size", 8192))
+        if tok is not None:
+            out["image_token_offset"] = len(tok)
+        elif raw.get("llm_vocab_size") == _REAL_VOCAB:
+            out["image_token_offset"] = _REAL_TEXT_LEN
+        else:
+            raise CheckpointError("MMaDA image codes start at len(tokenizer): put the tokenizer in the folder.")
+        notes.append(f"image code c is token {out['image_token_offset']} + c (codebook {out['codebook_size']}, "
+                     f"{raw.get('num_vq_tokens')} tokens per image); no image tokenizer is bundled with MMaDA, so "
+                     "drawing pixels needs one (config.image_tokenizer_config is None).")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def olmo_to_llama(key: str) -> Optional[str]:
+    """The mmdlm (LLaMA-style) name of an original LLaDA / MMaDA tensor, or None if the table has no entry."""
+    if key in OLMO_TOP_LEVEL:
+        return OLMO_TOP_LEVEL[key]
+    m = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(\w+)\.weight", key)
+    if m and m.group(2) in OLMO_BLOCK:
+        return f"model.layers.{m.group(1)}.{OLMO_BLOCK[m.group(2)]}.weight"
+    return None
+
+
+def llama_to_olmo(key: str) -> str:
+    """Inverse of :func:`olmo_to_llama` (used to name missing tensors as the checkpoint would)."""
+    top = {v: k for k, v in OLMO_TOP_LEVEL.items()}
+    if key in top:
+        return top[key]
+    block = {v: k for k, v in OLMO_BLOCK.items()}
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+    if m and m.group(2) in block:
+        return f"model.transformer.blocks.{m.group(1)}.{block[m.group(2)]}.weight"
+    return key
+
+
+def _identity(key: str) -> str:
+    return key
+
+
+def _fmt(items: list, n: int = 8) -> str:
+    return f"{items[:n]}" + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _load_weights(model, stored: dict[str, _Stored], rename: Callable[[str], Optional[str]],
+                  source_name: Callable[[str], str], folder: Path, dtype: Optional[torch.dtype], device,
+                  allow_tied_head: bool, notes: list[str]) -> None:
+    """Check every expected tensor exists with the right shape and nothing is left over, then read the
+    tensors one at a time into the (meta-device) model. ``rename`` maps stored names to the model's;
+    ``source_name`` maps back, only for messages."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    plan: dict[str, str] = {}
+    unexpected, mismatched = [], []
+    for src, info in stored.items():
+        tgt = rename(src)
+        if tgt == "lm_head.weight" and tied and allow_tied_head:
+            notes.append("dropped the stored lm_head.weight: the head is tied to the embeddings.")
+            continue
+        if tgt not in expected:
+            unexpected.append(src if tgt in (None, src) else f"{src} -> {tgt}")
+        elif expected[tgt] != info.shape:
+            mismatched.append(f"{src} in {info.file.name}: expected {list(expected[tgt])}, got {list(info.shape)}")
+        else:
+            plan[tgt] = src
+    if mismatched:
+        raise CheckpointError(f"{len(mismatched)} tensor(s) in {folder} do not match the shapes config.json implies: "
+                              f"{_fmt(mismatched, 5)}. Fix config.json (sizes, vocab, heads) to match the weights.")
+    absent = [k for k in expected if k not in plan]
+    missing = [k if source_name(k) == k else f"{source_name(k)} (-> {k})" for k in absent]
+    if missing or unexpected:
+        hint = ""
+        if "lm_head.weight" in absent:
+            hint += " The head is missing: if it is tied to the embeddings set weight_tying / tie_word_embeddings true."
+        if any(u.startswith(("lm_head", "model.transformer.ff_out")) for u in unexpected):
+            hint += " A separate head is stored: set weight_tying / tie_word_embeddings false."
+        raise CheckpointError(
+            f"the weights in {folder} do not match config.json: {len(missing)} missing {_fmt(missing)}, "
+            f"{len(unexpected)} unexpected {_fmt(unexpected)}. Nothing was loaded.{hint} Check num layers / "
+            "vision settings in config.json, or re-download incomplete shards."
+        )
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for tgt, src in plan.items():
+        by_file.setdefault(stored[src].file, []).append(tgt)
+    for file, targets in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for tgt in targets:
+                t = f.get_tensor(plan[tgt])
+                state[tgt] = t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() and dtype else None)
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.tie_weights()
+
+
+def _build(config: MMDLMConfig):
+    from accelerate import init_empty_weights
+
+    from .modeling_mmdlm import MMDLMForConditionalGeneration
+
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": no second copy of 16 GB
+        return MMDLMForConditionalGeneration(config)
+
+
+def _resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return None
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating torch dtype; use e.g. torch.bfloat16, 'float32' or None.")
+    return resolved
+
+
+def _generation_defaults(layout: str, config: MMDLMConfig):
+    """Decoding defaults of the source model's own demos (LLaDA generate.py, LLaDA-V generate_demo.py, MMaDA app)."""
+    from .generation_config import MMDLMGenerationConfig
+
+    gen = MMDLMGenerationConfig.from_model_config(config)
+    if layout == "llada_v":
+        gen.block_length = 128
+    elif layout == "mmada":
+        gen.image_steps, gen.guidance_scale = 15, 3.5
+    return gen
+
+
+def load_checkpoint(path, dtype: Optional[torch.dtype | str] = None, device=None):
+    """Load a LLaDA, LLaDA-V, MMaDA or mmdlm checkpoint folder; returns ``(model, tokenizer or None, info)``.
+
+    ``dtype`` casts floating tensors (a torch dtype or its name; None or "auto" keeps the stored dtype);
+    ``device`` is where tensors are placed as they are read. Every tensor is checked (names after renaming, shapes) before any is read, so a checkpoint
+    is loaded completely or not at all; problems raise :class:`CheckpointError` saying what to fix.
+    """
+    dtype = _resolve_dtype(dtype)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist; pass a local folder holding "
+                                "config.json, *.safetensors and the tokenizer (nothing is downloaded).")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; pass the folder that holds it and config.json.")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        seen = sorted(p.name for p in folder.iterdir())[:12]
+        raise CheckpointError(f"{folder} has no config.json (it holds {seen}); a checkpoint folder needs "
+                              "config.json next to its *.safetensors.")
+    raw = _read_json(cfg_file)
+    try:
+        stored, scan_error = scan_weights(folder), None
+    except CheckpointError as e:
+        stored, scan_error = {}, e
+    layout = detect_layout(raw, list(stored))
+    if scan_error is not None:
+        raise scan_error
+    notes: list[str] = []
+    tok, renames = _load_tokenizer(folder), {}
+    rename: Callable[[str], Optional[str]] = _identity
+    source_name: Callable[[str], str] = _identity
+    if layout == "mmdlm":
+        config = MMDLMConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+    else:
+        if tok is not None:
+            template = LLADA_V_CHAT_TEMPLATE if layout == "llada_v" else CHAT_TEMPLATE
+            tok, renames = adapt_llada_tokenizer(tok, template)
+        if layout in ("llada", "mmada"):
+            fields = _olmo_config(raw, cfg_file)
+            rename, source_name = olmo_to_llama, llama_to_olmo
+        else:
+            fields = _llama_config(raw, cfg_file, notes)
+        if layout == "llada_v":
+            fields.update(_vision_fields(raw, folder, list(stored), notes))
+        fields.update(_special_fields(layout, raw, tok, fields["vocab_size"], cfg_file, notes))
+        try:
+            config = MMDLMConfig(**fields, source_layout=layout)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file} gives an inconsistent model: {e}") from e
+    model = _build(config)
+    _load_weights(model, stored, rename, source_name, folder, dtype, device, layout == "mmdlm", notes)
+    if device is not None:
+        model.to(device)  # non-persistent buffers (e.g. SigLIP position ids) were built on the CPU
+    model.eval()
+    ids = {k: v for k, v in config.to_dict().items() if k.endswith("token_id") and v is not None}
+    info = CheckpointInfo(layout, str(folder), sorted({s.file.name for s in stored.values()}), len(stored),
+                          sum(p.numel() for p in model.parameters()), ids, renames, notes,
+                          None if layout == "mmdlm" else _generation_defaults(layout, config))
+    return model, tok, info
+
+
+def save_checkpoint(model, tokenizer, path) -> None:
+    """Save ``model`` (mmdlm format) and ``tokenizer`` side by side so :func:`load_checkpoint` reads them back."""
+    model.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
