@@ -364,3 +364,37 @@ def test_elbo_with_real_model_is_deterministic_and_checks_args():
         elbo_log_likelihood(model, [BOS], [12], mc_num=10, batch_size=4)
     with pytest.raises(ValueError, match="empty"):
         elbo_log_likelihood(model, [BOS], [], mc_num=4, batch_size=2)
+
+
+class ImageRecorder(Recorder):
+    """Treats pixel_values as ready-made features [slots, hidden] so the image path runs without a vision tower."""
+
+    def image_features(self, pixel_values):
+        return pixel_values
+
+    def forward(self, input_ids, pixel_values=None, image_features=None, **kw):
+        self.features = pixel_values if pixel_values is not None else image_features
+        return super().forward(input_ids, image_features=self.features, **kw)
+
+
+def test_understanding_images_follow_their_rows_through_cfg_dropout():
+    IMG = 7
+    torch.manual_seed(0)
+    model = ImageRecorder(MMDLMForConditionalGeneration(tiny_config(image_token_id=IMG)).eval())
+    ids = torch.tensor([[BOS, IMG, IMG, 10, 11, 12, EOS], [BOS, IMG, IMG, 20, 21, 22, EOS]])
+    lm = torch.tensor([[0, 0, 0, 0, 1, 1, 1]] * 2)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=lm, task_ids=torch.tensor([1, 1]),
+                 pixel_values=torch.randn(4, 32))
+    compute_batch_loss(model, batch, generator=g())
+    assert model.features is batch["pixel_values"]  # nothing dropped: the images go straight into forward
+    compute_batch_loss(model, batch, generator=g(), cfg_dropout=1.0)
+    assert model.features.shape == (0, 32) and not (model.seen.ids == IMG).any()  # dropped rows lose their images
+    for seed in range(50):  # find a draw that drops exactly one row: the other row must keep its own features
+        compute_batch_loss(model, batch, generator=g(seed), cfg_dropout=0.5)
+        kept = (model.seen.ids == IMG).any(1)
+        if int(kept.sum()) == 1:
+            row = int(kept.nonzero())
+            assert torch.equal(model.features, batch["pixel_values"][2 * row : 2 * row + 2])
+            break
+    else:
+        pytest.fail("no seed dropped exactly one of two rows at q = 0.5")
