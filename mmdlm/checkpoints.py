@@ -98,7 +98,6 @@ class CheckpointInfo:
 class _Stored:
     file: Path
     shape: tuple[int, ...]
-    dtype: str
 
 
 # ------------------------------------------------------------------------------------------------ folder reading
@@ -146,7 +145,7 @@ def scan_weights(folder: Path) -> dict[str, _Stored]:
                 if key in stored:
                     raise CheckpointError(f"tensor {key!r} is stored twice ({stored[key].file.name}, {file.name}).")
                 sl = f.get_slice(key)
-                stored[key] = _Stored(file, tuple(sl.get_shape()), str(sl.get_dtype()))
+                stored[key] = _Stored(file, tuple(sl.get_shape()))
     wrong = [(k, n) for k, n in claimed.items() if k not in stored or stored[k].file.name != n]
     if wrong:
         k, n = wrong[0]
@@ -258,16 +257,14 @@ def _require(cfg: dict, fields: tuple[str, ...], layout: str, file: Path) -> Non
 def _olmo_config(cfg: dict, file: Path) -> dict[str, Any]:
     _require(cfg, ("d_model", "n_layers", "n_heads"), "llada", file)
     # OLMo switches LLaDA never uses; each would change the computation, so refuse rather than run it wrong.
-    expected = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "alibi": False,
-                "rope": True, "include_bias": False, "include_qkv_bias": False, "scale_logits": False,
-                "input_emb_norm": False, "attention_layer_norm": False, "layer_norm_with_affine": True,
-                "clip_qkv": None, "weight_tying": cfg.get("weight_tying", False)}
-    bad = {k: cfg[k] for k, v in expected.items() if k in cfg and cfg[k] != v and not (k == "rope" and cfg[k] is None)}
+    llada_block = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "alibi": False,
+                   "rope": True, "include_bias": False, "include_qkv_bias": False, "scale_logits": False,
+                   "input_emb_norm": False, "attention_layer_norm": False, "layer_norm_with_affine": True,
+                   "clip_qkv": None}
+    bad = {k: cfg[k] for k, v in llada_block.items() if k in cfg and cfg[k] != v}
     if bad:
-        raise CheckpointError(
-            f"{file} sets {bad}; LLaDA's block is {{{', '.join(f'{k}: {v!r}' for k, v in expected.items())}}}. "
-            "This is not a LLaDA/MMaDA checkpoint mmdlm can run faithfully."
-        )
+        raise CheckpointError(f"{file} sets {bad}; LLaDA's block is {llada_block}. This is not a LLaDA/MMaDA "
+                              "checkpoint mmdlm can run faithfully.")
     n_heads = cfg["n_heads"]
     n_kv = cfg.get("n_kv_heads") or (1 if cfg.get("multi_query_attention") else n_heads)
     return dict(
@@ -376,12 +373,9 @@ def _special_fields(layout: str, raw: dict, tok, vocab_size: int, file: Path, no
     if mask is not None and ids[MASK_TOKEN] is not None and mask != ids[MASK_TOKEN]:
         raise CheckpointError(f"{file} says mask_token_id={mask} but the tokenizer's {MASK_TOKEN} is "
                               f"{ids[MASK_TOKEN]}; the tokenizer does not belong to these weights.")
-    out: dict[str, Any] = dict(
-        mask_token_id=mask if mask is not None else ids[MASK_TOKEN], eot_token_id=ids[EOT_TOKEN],
-        bos_token_id=ids[BOS_TOKEN], eos_token_id=ids[EOS_TOKEN] if ids[EOS_TOKEN] is not None
-        else raw.get("eos_token_id"), pad_token_id=ids[EOS_TOKEN] if ids[EOS_TOKEN] is not None
-        else raw.get("pad_token_id"),
-    )
+    eos = ids[EOS_TOKEN] if ids[EOS_TOKEN] is not None else raw.get("eos_token_id")
+    out: dict[str, Any] = dict(mask_token_id=mask if mask is not None else ids[MASK_TOKEN], eot_token_id=ids[EOT_TOKEN],
+                               bos_token_id=ids[BOS_TOKEN], eos_token_id=eos, pad_token_id=eos)  # LLaDA pads with EOS
     if out["mask_token_id"] is None:
         raise CheckpointError(f"cannot tell the mask token id: {file} has no mask_token_id and there is no tokenizer "
                               f"with {MASK_TOKEN}; add mask_token_id to config.json.")

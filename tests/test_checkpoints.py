@@ -130,6 +130,19 @@ def test_llada_logits_match_formula(tmp_path, tied, n_kv):
     assert not any(p.is_meta for p in model.parameters()) and not model.training
 
 
+def test_fake_tokenizer_loads_with_autotokenizer_and_folder_without_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    fake = write_fake_llada(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), trust_remote_code=False)
+    assert {t: tok.convert_tokens_to_ids(t) for t in fake.token_ids} == fake.token_ids
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    model, tok, info = load_checkpoint(tmp_path)
+    assert tok is None and model.config.mask_token_id == fake.config["mask_token_id"]
+    assert model.config.soi_token_id is None  # the real 126k ids are only assumed for a 126464-row vocab
+
+
 def test_llada_text_only_llama_keys(tmp_path):
     fake = write_fake_llada_v(tmp_path, vision=False, tie_word_embeddings=True, shards=1)
     model, _, info = load_checkpoint(tmp_path)

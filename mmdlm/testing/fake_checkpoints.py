@@ -91,6 +91,19 @@ def build_fake_tokenizer(task_token_names: bool = False):
     return tok
 
 
+def save_fake_tokenizer(tok, path: Path) -> None:
+    """Save like the real LLaDA folders: tokenizer.json plus a tokenizer_config.json naming
+    PreTrainedTokenizerFast, with add_bos/eos false and the chat template inline (no chat_template.jinja)."""
+    tok.save_pretrained(str(path))
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("backend", None)
+    cfg.update({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+                "chat_template": tok.chat_template})
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+
+
 def _token_ids(tok) -> dict[str, int]:
     """Ids of the special-block tokens the fake tokenizer holds."""
     vocab = tok.get_vocab()
@@ -212,7 +225,7 @@ def write_fake_llada(path, *, n_layers: int = 2, d_model: int = 64, n_heads: int
                             weight_tying)
     _write_json(path / "config.json", config)
     _write_shards(path, tensors, shards)
-    tok.save_pretrained(str(path))
+    save_fake_tokenizer(tok, path)
     return FakeCheckpoint(path, "llada", config, tensors, ids, {t: REAL_TOKEN_IDS[t] for t in ids})
 
 
@@ -237,7 +250,7 @@ def write_fake_mmada(path, *, n_layers: int = 2, d_model: int = 64, n_heads: int
     tensors = _olmo_tensors(_Rand(seed, dtype), n_layers, d_model, n_heads, n_kv_heads, mlp_hidden, vocab, False)
     _write_json(path / "config.json", config)
     _write_shards(path, tensors, shards)
-    tok.save_pretrained(str(path))
+    save_fake_tokenizer(tok, path)
     real = {t: REAL_TOKEN_IDS[t] for t in ids if t in REAL_TOKEN_IDS}
     extra = {"image_token_offset": len(tok), "real_image_token_offset": 126349, "llm_vocab_size": llm_vocab}
     return FakeCheckpoint(path, "mmada", config, tensors, ids, real, extra=extra)
@@ -351,6 +364,6 @@ def write_fake_llada_v(path, *, n_layers: int = 2, d_model: int = 64, n_heads: i
                          "vision_config": {**inner, "model_type": "siglip_vision_model"}})
     _write_json(path / "config.json", config)
     _write_shards(path, t, shards)
-    tok.save_pretrained(str(path))
+    save_fake_tokenizer(tok, path)
     return FakeCheckpoint(path, "llada_v" if vision else "llada_llama", config, t, ids,
                           {k: REAL_TOKEN_IDS[k] for k in ids}, vision_config=vc)
