@@ -130,7 +130,8 @@ def generate(
     logits = l_u + (w+1)(l_c − l_u).
 
     Batched prompts are left-padded with ``attention_mask`` (1 = token); positions come from the mask so each row
-    gets the tokens it gets alone (exactly at temperature 0; pass one generator per row for sampling too).
+    gets the tokens it gets alone (at temperature 0; pass one generator per row for sampling too). This is exact
+    in fp32 (checked on CPU and an H200); in bf16 the padded kernels round differently, so near-ties can flip.
 
     Fixes and additions to LLaDA: ``logits_eos_inf`` bans EOS; ``confidence_eos_eot_inf`` gives predicted EOS/EoT
     −inf confidence (committed only when a step's quota cannot be met otherwise); ``banned_token_ids`` (default
