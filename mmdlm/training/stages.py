@@ -291,7 +291,9 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     trainer = StageTrainer(acc, model, stage, index, ctx.checkpoint_dir(stage), ctx.metrics, seed, groups,
                            betas=tuple(stage.betas), on_save=ctx.plot,
                            fingerprint=_config_fingerprint(config, processor.tokenizer),
-                           metric_keys=("loss", *TASK_IDS))
+                           metric_keys=("loss", *TASK_IDS),
+                           # batches without images leave the vision tower and projector unused
+                           find_unused_parameters=config.can_understand_images)
     if ctx.resume and trainer.resume_from_latest():
         ctx.metrics.truncate_after(stage.name, trainer.start_step)
         ctx.log(f"stage {stage.name!r}: resumed at step {trainer.start_step}")
@@ -342,8 +344,8 @@ def _accelerator(cpu: bool):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # Batches without images leave the vision tower unused; DDP must tolerate that.
-    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # Each stage sets find_unused_parameters on this handler before its model is wrapped.
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs()])
 
 
 def train(recipe: Recipe, output_dir: Optional[str | Path] = None, resume: bool = False,

@@ -98,6 +98,7 @@ class StageTrainer:
         on_save: Optional[Callable[[], None]] = None,
         fingerprint: str = "",
         metric_keys: tuple[str, ...] = ("loss",),
+        find_unused_parameters: bool = False,
     ) -> None:
         self.acc = accelerator
         self.stage = stage
@@ -111,6 +112,7 @@ class StageTrainer:
         # lacks a task (its per-task loss is then absent there).
         self.metric_keys = tuple(dict.fromkeys((*metric_keys, "loss", "grad_norm")))
         self.grad_accum = int(getattr(stage, "grad_accum", 1))
+        self.find_unused_parameters = find_unused_parameters
         self.raw_model = model
         self.optimizer = torch.optim.AdamW(param_groups, lr=stage.lr, betas=tuple(betas), weight_decay=stage.weight_decay)
         total, warmup, schedule, floor = stage.steps, stage.warmup_steps, stage.schedule, stage.min_lr_ratio
@@ -195,6 +197,14 @@ class StageTrainer:
             f"(now {self.stage.lr:g}), raise warmup_steps or grad_clip, then rerun with --resume."
         )
 
+    def _evaluate(self, eval_fn: EvalFn, step: int) -> None:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            results = eval_fn(self.model)
+        if results:
+            self.metrics.write({"stage": self.stage.name, "step": step,
+                                **{f"eval_{k}": float(v) for k, v in results.items()}})
+
     def fit(self, batch_fn: BatchFn, loss_fn: LossFn, eval_fn: Optional[EvalFn] = None,
             stop_after: Optional[int] = None) -> bool:
         """Train to ``stage.steps``. Returns True when finished, False when stopped by ``stop_after``
@@ -206,6 +216,8 @@ class StageTrainer:
                 f"{stage.name}: grad_accum={ga} with DeepSpeed: DeepSpeed steps after every backward; set "
                 "grad_accum: 1 and raise batch_size (or the number of processes) instead"
             )
+        if getattr(acc, "ddp_handler", None) is not None:  # read by prepare() when it wraps the model in DDP
+            acc.ddp_handler.find_unused_parameters = self.find_unused_parameters
         self.model, self.optimizer = acc.prepare(self.raw_model, self.optimizer)
         model = self.model
         # FSDP2 swaps parameters for sharded ones during prepare; the optimizer's groups hold the live ones.
@@ -217,6 +229,8 @@ class StageTrainer:
         t_last, n_examples = time.time(), 0
         t_start = t_last
         try:
+            if eval_fn is not None and step == 0:  # the untrained baseline, on the same fixed eval noise
+                self._evaluate(eval_fn, 0)
             while step < steps:
                 if stop_after is not None and step - self.start_step >= stop_after:
                     self.save(step)
@@ -271,12 +285,7 @@ class StageTrainer:
                                         "elapsed_s": now - t_start})
                     window, t_last, n_examples = {}, now, 0
                 if eval_fn is not None and ((stage.eval_every and step % stage.eval_every == 0) or last):
-                    model.eval()
-                    with torch.no_grad(), self._autocast():
-                        results = eval_fn(model)
-                    if results:
-                        self.metrics.write({"stage": stage.name, "step": step,
-                                            **{f"eval_{k}": float(v) for k, v in results.items()}})
+                    self._evaluate(eval_fn, step)
                 if (stage.save_every and step % stage.save_every == 0) or last:
                     self.save(step)
         finally:

@@ -1,0 +1,93 @@
+"""Recipe parsing: strict keys and types, errors that name the key path, value checks, bundled recipes load."""
+
+from pathlib import Path
+
+import pytest
+
+from mmdlm.training.recipe import DenoiserStage, RecipeError, ShapesSource, load_recipe, recipe_from_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _base(**changes):
+    d = {
+        "data": {"sources": [{"type": "shapes", "n": 4}]},
+        "stages": [{"type": "tokenizer"}, {"type": "denoiser", "steps": 3}],
+    }
+    d.update(changes)
+    return d
+
+
+def _error(d) -> str:
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(d)
+    return str(e.value)
+
+
+def test_valid_recipe_builds_typed_dataclasses():
+    r = recipe_from_dict(_base(stages=[{"type": "denoiser", "lr": "1e-3", "betas": [0.9, 0.95]}]))
+    stage = r.stages[0]
+    assert isinstance(stage, DenoiserStage) and isinstance(r.data.sources[0], ShapesSource)
+    assert stage.lr == pytest.approx(1e-3) and isinstance(stage.lr, float)  # PyYAML reads 1e-3 as a string
+    assert stage.name == "model"  # the last denoiser stage's folder is the final model
+
+
+def test_wrong_type_names_the_key_path():
+    msg = _error(_base(stages=[{"type": "denoiser", "lr": "fast"}]))
+    assert msg == "stages[0].lr: expected float, got str 'fast'"
+    assert _error(_base(seed=True)).startswith("seed: expected int, got bool")
+    assert _error(_base(data={"sources": [{"type": "shapes", "n": 2.5}]})).startswith("data.sources[0].n: expected int")
+    assert _error(_base(stages=[{"type": "denoiser", "freeze": "vision_tower"}])).startswith(
+        "stages[0].freeze: expected list of str")
+    assert _error(_base(stages=[{"type": "denoiser", "task_weights": {"t2i": "x"}}])).startswith(
+        "stages[0].task_weights.t2i: expected float")
+
+
+def test_unknown_keys_are_errors_at_every_level():
+    assert _error(_base(learning_rate=1.0)).startswith("learning_rate: unknown key")
+    assert _error(_base(model={"hidden_sise": 8})).startswith("model.hidden_sise: unknown key")
+    msg = _error(_base(stages=[{"type": "tokenizer"}, {"type": "denoiser", "lrr": 0.1}]))
+    assert msg.startswith("stages[1].lrr: unknown key") and "'lr'" in msg  # lists the known keys
+    assert _error(_base(data={"sources": [{"type": "shapes", "path": "x"}]})).startswith("data.sources[0].path: unknown")
+    msg = _error(_base(model={"image_tokenizer": {"codebok_size": 8}}, stages=[{"type": "image_tokenizer"}]))
+    assert msg.startswith("model.image_tokenizer.codebok_size: unknown key")
+
+
+def test_tagged_unions_and_value_checks():
+    assert "unknown type 'webdataset'" in _error(_base(data={"sources": [{"type": "webdataset"}]}))
+    assert _error(_base(data={"sources": [{"n": 3}]})).startswith("data.sources[0]: missing 'type'")
+    assert _error(_base(data={"sources": [{"type": "llava_json"}]})).startswith("data.sources[0].path: required")
+    assert _error(_base(data={"sources": [{"type": "shapes"}], "on_missing": "ignore"})).startswith("data.on_missing")
+    assert _error(_base(stages=[{"type": "denoiser", "lr": -1.0}])).startswith("stages[0].lr: must be > 0")
+    assert _error(_base(stages=[{"type": "denoiser", "schedule": "step"}])).startswith("stages[0].schedule")
+    assert _error(_base(stages=[{"type": "denoiser", "task_weights": {"video": 1.0}}])).startswith(
+        "stages[0].task_weights.video: unknown task")
+    assert "order" in _error(_base(stages=[{"type": "denoiser"}, {"type": "tokenizer"}]))
+    assert "twice" in _error(_base(stages=[{"type": "denoiser", "name": "a"}, {"type": "denoiser", "name": "a"}]))
+    assert _error(_base(stages=[])).startswith("stages: empty")
+    assert "image_tokenizer" in _error(_base(stages=[{"type": "image_tokenizer"}]))  # needs model.image_tokenizer
+    msg = _error(_base(model={"image_tokenizer": {"image_size": 30}}, stages=[{"type": "image_tokenizer"}]))
+    assert msg.startswith("model.image_tokenizer:") and "divisible" in msg
+
+
+def test_yaml_file_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  sources: [{type: shapes}]\nstages:\n  - {type: denoiser, steps: many}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(bad) in str(e.value) and "stages[0].steps: expected int, got str 'many'" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin"])
+def test_bundled_recipes_load(name):
+    r = load_recipe(CONFIGS / f"{name}.yaml")
+    assert r.stages[-1].type == "denoiser"
+    if name == "ar-twin":
+        assert r.model.is_causal
+    if name == "shapes-tiny":
+        m = r.model
+        assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
+        assert m.vision_tower["patch_size"] == 8 and m.image_tokenizer["codebook_size"] == 256
+        assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "denoiser"]
