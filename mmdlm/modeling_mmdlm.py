@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_mmdlm import MMDLMConfig
+from .generation_config import MMDLMGenerationMixin
 
 KVCache = list  # one (key, value) pair per layer, keys already rotated, shape [B, n_kv_heads, L, head_dim]
 
@@ -284,7 +285,7 @@ class MMDLMModel(MMDLMPreTrainedModel):
         return self.norm(x), (presents if use_cache else None)
 
 
-class MMDLMForConditionalGeneration(MMDLMPreTrainedModel):
+class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
     """Backbone + LM head (+ image tokenizer): predicts clean tokens at masked positions.
 
     ``forward`` accepts ``input_ids`` or ``inputs_embeds``, a 2-D key-padding ``attention_mask``,
