@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tests use tiny tensors, where intra-op threads only add overhead, and on a shared 2-core machine OpenMP threads
+# spinning against other processes made a tiny forward pass ~100x slower. MMDLM_TEST_THREADS overrides.
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("MMDLM_TEST_THREADS", "1")))
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO / "mmdlm" / "demo" / "examples"
 
@@ -31,8 +37,6 @@ def write_tiny_model(folder: Path) -> Path:
     on the fly on Shapes text, a 2-layer ViT tower on 32px images) and a VQ image tokenizer (4x4 codes).
 
     Its answers are noise; it exists to test mechanics (shapes, streaming, batching, errors) quickly."""
-    import torch
-
     from mmdlm import MMDLMConfig, MMDLMForConditionalGeneration
     from mmdlm.data.shapes import ShapesWorld
     from mmdlm.generation_config import MMDLMGenerationConfig

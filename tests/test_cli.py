@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -146,8 +147,9 @@ def test_demo_binds_localhost_by_default(capsys, monkeypatch):
 
 def test_console_command_prints_no_traceback(tmp_path):
     """The real process: bad input gives exit 2 and one stderr line, never a Python traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mmdlm.cli", "ask", str(tmp_path / "missing.png"), "q"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"mmdlm: error: image file {str(tmp_path / 'missing.png')!r} "
                                                 "does not exist"]
