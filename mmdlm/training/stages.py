@@ -275,6 +275,7 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),
                                  config=config)
     if config.can_draw_images:
+        model.image_tokenizer.to(acc.device)  # prepare() moves the rest of the model there later
         n = precompute_image_codes(everything, model.image_tokenizer)
         ctx.log(f"stage {stage.name!r}: encoded {n} t2i images into {model.image_tokenizer.num_tokens} codes each")
     for i, ex in enumerate(everything):  # surface over-long or malformed rows before the first step
