@@ -128,18 +128,20 @@ def test_draw_returns_the_decoded_image(client, tiny_pipeline):
 @pytest.mark.parametrize(
     "api_name, args, message",
     [
-        ("/ask", ("{img}", "q", "llada", 0, 8, 8, 0.9, 0.0, 0.0), "Denoising steps: Value 0 is less than minimum"),
+        ("/ask", ("{img}", "q", "llada", 0, 8, 8, 0.9, 0.0, 0.0), "steps must be a positive integer, got 0."),
         ("/ask", ("{img}", "q", "llada", 4, 8, 3, 0.9, 0.0, 0.0),
          "gen_length (8) must be a multiple of block_length (3)."),
         ("/ask", (None, "q", *SETTINGS), "no image"),
         ("/ask", ("{img}", "  ", *SETTINGS), "the question is empty"),
-        ("/ask", ("{txt}", "q", *SETTINGS), "is not an image"),
+        ("/ask", ("{txt}", "q", *SETTINGS), "'notes.txt' is not an image"),
+        ("/ask", ("{img}", "q", "llada", "many", 8, 8, 0.9, 0.0, 0.0), "steps must be a number, got 'many'"),
+        ("/ask", ("{img}", "q", "turbo", *SETTINGS[1:]), "unknown sampler 'turbo'"),
         ("/caption", (None, *SETTINGS), "no image"),
         ("/chat", ({"text": "hi", "files": []}, [], *SETTINGS), "no image in the conversation"),
-        ("/chat", ({"text": "hi", "files": ["{txt}"]}, [], *SETTINGS), "only images can be attached"),
+        ("/chat", ({"text": "hi", "files": ["{txt}"]}, [], *SETTINGS), "'notes.txt' is not an image"),
         ("/chat", ({"text": "", "files": ["{img}"]}, [], *SETTINGS), "the question is empty"),
         ("/draw", ("", 4, 1.0, 0), "the prompt is empty"),
-        ("/draw", ("a circle", 0, 1.0, 0), "Image decoding steps: Value 0 is less than minimum"),
+        ("/draw", ("a circle", 0, 1.0, 0), "steps must be a positive integer, got 0."),
     ],
 )
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(client, image, tmp_path, api_name, args, message):

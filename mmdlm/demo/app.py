@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
+from PIL import Image
 
 from ..pipeline import MASK_GLYPH, GenerationStats, MMDLMPipeline, StreamState
+from ..vision.image_processing import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -31,47 +33,6 @@ CSS = """
 INTRO = """# mmdlm — multimodal masked-diffusion demo
 Answers are not written left to right: the model starts from a fully **masked** answer and unmasks tokens in
 parallel over a few denoising steps. Watch the canvas below each answer (gray boxes are still-masked tokens)."""
-
-
-class ImageInput(gr.Image):
-    """``gr.Image`` whose unreadable uploads raise a readable ``gr.Error`` instead of Pillow's message."""
-
-    is_template = True  # render with the frontend's ordinary Image component
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 — any decode failure means "not an image"
-            name = getattr(payload, "orig_name", None) or "the uploaded file"
-            raise gr.Error(f"{name} is not an image that can be read ({type(e).__name__}); upload a PNG, JPEG or "
-                           "WebP image", title="Not an image", print_exception=False) from None
-
-
-class Slider(gr.Slider):
-    """``gr.Slider`` whose out-of-range errors name the setting (Gradio's own say only "Value 0 is less than ...")."""
-
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except gr.Error as e:
-            raise gr.Error(f"{self.label}: {e.message}", title="Invalid setting", print_exception=False) from None
-
-
-class MultimodalTextbox(gr.MultimodalTextbox):
-    """``gr.MultimodalTextbox`` that refuses non-image attachments with a plain message (and no server traceback)."""
-
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except gr.Error as e:
-            raise gr.Error(f"only images can be attached ({e.message})", title="Not an image",
-                           print_exception=False) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -122,22 +83,44 @@ def load_examples() -> dict[str, Any]:
     return manifest
 
 
-def _sampling(sampler: str, steps: float, gen_length: float, block_length: float, threshold: float,
-              temperature: float, cfg_scale: float) -> dict[str, Any]:
-    def as_int(x: Any, name: str) -> int:
-        if x is None or float(x) != int(float(x)):
-            raise ValueError(f"{name} must be a whole number, got {x!r}")
-        return int(float(x))
+def _number(x: Any, name: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {x!r}") from None
 
+
+def _whole(x: Any, name: str) -> int:
+    value = _number(x, name)
+    if value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {x!r}")
+    return int(value)
+
+
+def _sampling(sampler: str, steps: Any, gen_length: Any, block_length: Any, threshold: Any, temperature: Any,
+              cfg_scale: Any) -> dict[str, Any]:
+    """Sampler options from raw UI values; range checks are left to the samplers, whose messages reach the user."""
     return {
         "sampler": sampler,
-        "steps": as_int(steps, "steps"),
-        "gen_length": as_int(gen_length, "generation length"),
-        "block_length": as_int(block_length, "block length"),
-        "threshold": float(threshold) if sampler == "fast" else None,
-        "temperature": float(temperature),
-        "cfg_scale": float(cfg_scale),
+        "steps": _whole(steps, "steps"),
+        "gen_length": _whole(gen_length, "gen_length"),
+        "block_length": _whole(block_length, "block_length"),
+        "threshold": _number(threshold, "threshold") if sampler == "fast" else None,
+        "temperature": _number(temperature, "temperature"),
+        "cfg_scale": _number(cfg_scale, "cfg_scale"),
     }
+
+
+def load_upload(item: Any) -> Image.Image:
+    """An uploaded file (Gradio's raw file payload) as an RGB image; errors name the file as the user knows it."""
+    path = _file_path(item)
+    if not path:
+        raise ValueError("no image; upload an image first")
+    name = (item.get("orig_name") if isinstance(item, dict) else None) or os.path.basename(path)
+    try:
+        return load_image(path)
+    except ImageLoadError as e:
+        raise ImageLoadError(str(e).replace(repr(str(path)), repr(name))) from None
 
 
 def _file_path(item: Any) -> str | None:
@@ -194,19 +177,19 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
             with gr.Row():
                 sampler = gr.Radio(["fast", "llada"], value=gc_get("sampler", "fast"), label="Sampler",
                                    info="fast: caches + parallel commits; llada: reference")
-                steps = Slider(1, max(256, int(gc_get("steps", 32))), value=int(gc_get("steps", 32)), step=1,
+                steps = gr.Slider(1, max(256, int(gc_get("steps", 32))), value=int(gc_get("steps", 32)), step=1,
                                   label="Denoising steps")
-                gen_length = Slider(1, max(512, int(gc_get("gen_length", 32))), step=1,
+                gen_length = gr.Slider(1, max(512, int(gc_get("gen_length", 32))), step=1,
                                        value=int(gc_get("gen_length", 32)), label="Generation length (tokens)")
-                block_length = Slider(1, max(512, int(gc_get("block_length", 32))), step=1,
+                block_length = gr.Slider(1, max(512, int(gc_get("block_length", 32))), step=1,
                                          value=int(gc_get("block_length", 32)),
                                          label="Block length", info="must divide the generation length")
             with gr.Row():
-                threshold = Slider(0.0, 1.0, value=float(gc_get("threshold", 0.9)), step=0.01,
+                threshold = gr.Slider(0.0, 1.0, value=float(gc_get("threshold", 0.9)), step=0.01,
                                       label="Confidence threshold (fast sampler)")
-                temperature = Slider(0.0, 2.0, value=float(gc_get("temperature", 0.0)), step=0.05,
+                temperature = gr.Slider(0.0, 2.0, value=float(gc_get("temperature", 0.0)), step=0.05,
                                         label="Temperature", info="0 = greedy")
-                cfg_scale = Slider(0.0, 5.0, value=float(gc_get("cfg_scale", 0.0)), step=0.1,
+                cfg_scale = gr.Slider(0.0, 5.0, value=float(gc_get("cfg_scale", 0.0)), step=0.1,
                                       label="Classifier-free guidance (text)")
         settings = [sampler, steps, gen_length, block_length, threshold, temperature, cfg_scale]
 
@@ -214,7 +197,7 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chatbot",
                                      placeholder="Upload an image and ask about it.")
-                chat_box = MultimodalTextbox(
+                chat_box = gr.MultimodalTextbox(
                     file_types=["image"], file_count="multiple", sources=["upload"], elem_id="chat-input",
                     placeholder="Attach an image (clip icon), type a question, press Enter", show_label=False,
                 )
@@ -229,7 +212,7 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
             with gr.Tab("Ask & caption", id="ask"):
                 with gr.Row():
                     with gr.Column():
-                        ask_image = ImageInput(type="filepath", label="Image", sources=["upload", "clipboard"],
+                        ask_image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
                                                elem_id="ask-image", height=256)
                         question = gr.Textbox(label="Question", placeholder="what color is the circle?",
                                               elem_id="ask-question", max_length=2000)
@@ -250,9 +233,9 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
                     with gr.Column():
                         prompt_box = gr.Textbox(label="Prompt", placeholder="a large red circle at the center.",
                                             elem_id="draw-prompt", max_length=2000)
-                        image_steps = Slider(1, 64, value=int(gc_get("image_steps", 16)), step=1,
+                        image_steps = gr.Slider(1, 64, value=int(gc_get("image_steps", 16)), step=1,
                                                 label="Image decoding steps")
-                        guidance = Slider(0.0, 10.0, value=float(gc_get("guidance_scale", 3.5)), step=0.1,
+                        guidance = gr.Slider(0.0, 10.0, value=float(gc_get("guidance_scale", 3.5)), step=0.1,
                                              label="Guidance scale")
                         seed = gr.Number(value=0, precision=0, label="Seed")
                         draw_btn = gr.Button("Draw", variant="primary", elem_id="draw-button")
@@ -264,17 +247,21 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
                     gr.Examples([[p] for p in manifest["draw_prompts"]], inputs=[prompt_box], label="Examples")
 
         # ----------------------------------------------------------------------------------------- handlers
+        # Events run with preprocess=False: handlers get Gradio's raw payloads (file dicts, plain numbers) so that
+        # every check is ours or the samplers' and its message reaches the user unchanged. Gradio still refuses
+        # file paths outside its upload cache before a handler runs.
         @_user_errors
         def chat_fn(message: dict | None, history: list[dict], sampler: str, steps: float, gen_length: float,
                     block_length: float, threshold: float, temperature: float, cfg_scale: float):
             message = message or {}
             text = (message.get("text") or "").strip()
-            files = [p for p in (_file_path(f) for f in message.get("files") or []) if p]
+            files = [f for f in message.get("files") or [] if _file_path(f)]
             if not text:
                 raise ValueError("the question is empty; type a question")
+            images = [load_upload(f) for f in files]
             history = list(history or [])
             messages = history_to_messages(history)
-            new_turn = [{"type": "image", "image": p} for p in files] + [{"type": "text", "text": text}]
+            new_turn = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
             messages.append({"role": "user", "content": new_turn})
             if pipeline.can_understand_images and not any(
                 b["type"] == "image" for m in messages for b in m["content"]
@@ -283,7 +270,7 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
             options = _sampling(sampler, steps, gen_length, block_length, threshold, temperature, cfg_scale)
             stream = pipeline.stream_chat(messages, **options)
             state = next(stream)  # errors (bad settings, unreadable image) surface before the UI changes
-            history.append({"role": "user", "content": [{"path": p} for p in files] + [text]})
+            history.append({"role": "user", "content": [{"path": _file_path(f)} for f in files] + [text]})
             history.append({"role": "assistant", "content": state.text})
             while True:
                 history[-1] = {"role": "assistant", "content": state.text}
@@ -293,38 +280,36 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
                 state = next(stream)
 
         @_user_errors
-        def ask_fn(image: str | None, question: str, sampler: str, steps: float, gen_length: float,
+        def ask_fn(image: dict | None, question: str, sampler: str, steps: float, gen_length: float,
                    block_length: float, threshold: float, temperature: float, cfg_scale: float):
-            if not image:
-                raise ValueError("no image; upload an image first")
             options = _sampling(sampler, steps, gen_length, block_length, threshold, temperature, cfg_scale)
-            yield from _stream_answer(pipeline.stream_answer(image, question, **options))
+            yield from _stream_answer(pipeline.stream_answer(load_upload(image), question or "", **options))
 
         @_user_errors
-        def caption_fn(image: str | None, sampler: str, steps: float, gen_length: float, block_length: float,
+        def caption_fn(image: dict | None, sampler: str, steps: float, gen_length: float, block_length: float,
                        threshold: float, temperature: float, cfg_scale: float):
-            if not image:
-                raise ValueError("no image; upload an image first")
             options = _sampling(sampler, steps, gen_length, block_length, threshold, temperature, cfg_scale)
-            yield from _stream_answer(pipeline.stream_answer(image, _caption_prompt(), **options))
+            yield from _stream_answer(pipeline.stream_answer(load_upload(image), _caption_prompt(), **options))
 
         @_user_errors
         def draw_fn(prompt: str, image_steps: float, guidance_scale: float, seed: float | None):
-            seed_int = None if seed is None else int(seed)
-            for state in pipeline.stream_image(prompt, steps=int(image_steps), guidance_scale=float(guidance_scale),
-                                               seed=seed_int):
+            seed_int = None if seed is None else _whole(seed, "seed")
+            for state in pipeline.stream_image(prompt or "", steps=_whole(image_steps, "image_steps"),
+                                               guidance_scale=_number(guidance_scale, "guidance_scale"), seed=seed_int):
                 progress = f"step {state.step + 1}: {state.unknown} image tokens left to decode"
                 yield state.image, (format_stats(state.stats) if state.done else progress)
 
         chat_box.submit(chat_fn, [chat_box, chatbot, *settings], [chatbot, chat_box, chat_canvas, chat_stats],
-                        api_name="chat")
+                        api_name="chat", preprocess=False)
         clear.click(lambda: ([], None, [], ""), None, [chatbot, chat_box, chat_canvas, chat_stats],
                     api_visibility="private")
         ask_outputs = [answer_box, ask_canvas, ask_stats]
-        ask_btn.click(ask_fn, [ask_image, question, *settings], ask_outputs, api_name="ask")
-        question.submit(ask_fn, [ask_image, question, *settings], ask_outputs, api_visibility="private")
-        caption_btn.click(caption_fn, [ask_image, *settings], ask_outputs, api_name="caption")
-        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed], [drawn, draw_stats], api_name="draw")
+        ask_btn.click(ask_fn, [ask_image, question, *settings], ask_outputs, api_name="ask", preprocess=False)
+        question.submit(ask_fn, [ask_image, question, *settings], ask_outputs, api_visibility="private",
+                        preprocess=False)
+        caption_btn.click(caption_fn, [ask_image, *settings], ask_outputs, api_name="caption", preprocess=False)
+        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed], [drawn, draw_stats], api_name="draw",
+                       preprocess=False)
     return demo
 
 
