@@ -134,3 +134,35 @@ def test_precompute_image_codes_encodes_each_image_once():
     assert torch.equal(codes, vq.encode(vq.preprocess([shared])).flatten())
     assert "image_codes" not in examples[3]
     assert precompute_image_codes(examples, vq) == 0  # cached
+
+
+def test_mixture_sampling_is_deterministic_per_step_and_rank():
+    from mmdlm.training.mixture import LoadedSource, Mixture
+
+    texts = [{"task": "text", "text": f"t{i}"} for i in range(50)]
+    draws = [{"task": "t2i", "prompt": f"p{i}", "image_codes": torch.zeros(1)} for i in range(10)]
+    mix = Mixture([LoadedSource("a", texts, 1.0), LoadedSource("b", draws, 3.0)], seed=0)
+    assert mix.task_shares() == pytest.approx({"text": 0.25, "t2i": 0.75})
+    a = mix.sample(64, 2, 10, 0, 0)
+    assert a == mix.sample(64, 2, 10, 0, 0)  # same (stage, step, micro, rank): same batch, e.g. after a resume
+    assert a != mix.sample(64, 2, 10, 0, 1) and a != mix.sample(64, 2, 11, 0, 0)
+    assert 0.5 < sum(ex["task"] == "t2i" for ex in a) / 64 < 0.95
+    grouped = [mix.sample(8, 0, s, 0, 0, group_by_task=True) for s in range(20)]
+    assert all(len({ex["task"] for ex in b}) == 1 for b in grouped)
+    assert {b[0]["task"] for b in grouped} == {"text", "t2i"}
+
+
+def test_malformed_examples_are_rejected_with_their_location():
+    from mmdlm.training.mixture import check_example
+
+    good = _examples()[0]
+    check_example(good, "x")
+    bad_role = dict(good, messages=[{"role": "assistant", "content": "hi"}, {"role": "user", "content": "<image>"}])
+    with pytest.raises(ValueError, match="data.sources\\[0\\] example 3: message 0"):
+        check_example(bad_role, "data.sources[0] example 3")
+    with pytest.raises(ValueError, match="placeholder"):
+        check_example(dict(good, images=[]), "x")
+    with pytest.raises(ValueError, match="last message"):
+        check_example(dict(good, messages=good["messages"][:1]), "x")
+    with pytest.raises(ValueError, match="'task'"):
+        check_example({"task": "video"}, "x")
