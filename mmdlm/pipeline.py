@@ -150,6 +150,10 @@ class MMDLMPipeline:
         path = resolve_model_path(name_or_path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+            dtype = getattr(torch, dtype)
         model, tokenizer, info = load_checkpoint(path, dtype=dtype, device=device)
         processor = _load_processor(path, tokenizer, model)
         gen_config = _load_generation_config(path, info, model)
@@ -229,6 +233,10 @@ class MMDLMPipeline:
             raise ValueError("stream_image takes one prompt; use generate_image() for batches")
         self._check_can_draw()
         _check_text(prompt, "prompt")
+        return self._stream_image(prompt, steps, guidance_scale, seed, temperature)
+
+    def _stream_image(self, prompt: str, steps: int | None, guidance_scale: float | None, seed: int | None,
+                      temperature: float) -> Iterator[ImageStreamState]:
         grid = self._image_grid()
 
         def run(emit: Callable[[Any], None]) -> list[Image.Image]:

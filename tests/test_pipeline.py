@@ -32,6 +32,15 @@ def test_generation_config_defaults_come_from_the_model_folder(tiny_pipeline, ti
     assert tiny_pipeline.device.type == "cpu"
 
 
+def test_dtype_by_name(tiny_model_dir, example_images):
+    pipe = MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
+    assert next(pipe.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(pipe.answer(str(example_images[0]), QUESTIONS[0]), str)
+    assert pipe.generate_image("a circle", steps=2, seed=0).size == (16, 16)
+    with pytest.raises(ValueError, match="unknown dtype 'float9'"):
+        MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="float9")
+
+
 @pytest.mark.parametrize("sampler", ["llada", "fast"])
 def test_batch_answers_equal_single_answers(tiny_pipeline, example_images, sampler):
     images = [str(p) for p in example_images[:2]]
