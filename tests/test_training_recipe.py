@@ -51,6 +51,7 @@ def test_unknown_keys_are_errors_at_every_level():
     assert _error(_base(data={"sources": [{"type": "shapes", "path": "x"}]})).startswith("data.sources[0].path: unknown")
     msg = _error(_base(model={"image_tokenizer": {"codebok_size": 8}}, stages=[{"type": "image_tokenizer"}]))
     assert msg.startswith("model.image_tokenizer.codebok_size: unknown key")
+    assert _error(_base(model={"generation": {"gen_lenght": 8}})).startswith("model.generation.gen_lenght: unknown")
 
 
 def test_tagged_unions_and_value_checks():

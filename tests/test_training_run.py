@@ -35,6 +35,7 @@ def recipe_dict(steps=4, hidden=32, sources=None, **denoiser):
             "vision_tower": {"kind": "vit", "image_size": 64, "patch_size": 16, "width": 32, "depth": 1, "heads": 2},
             "image_tokenizer": {"image_size": 64, "base_channels": 8, "channel_mult": [1, 1, 2, 2], "embed_dim": 4,
                                 "codebook_size": 16},
+            "generation": {"gen_length": 16, "block_length": 8, "steps": 8},
         },
         "data": {"sources": sources or [{"type": "shapes", "n": 6, "tasks": ["caption", "vqa", "t2i"]}]},
         "tokenizer": {"vocab_size": 300},
@@ -97,6 +98,8 @@ def test_final_folder_is_a_complete_model(straight):
     w = weights(straight)
     assert all(torch.equal(w[f"image_tokenizer.{k}"], v) for k, v in vq.items())
     assert processor.num_image_tokens == 16 and processor.codebook_size == 16
+    generation = json.loads((straight / "generation_config.json").read_text())
+    assert (generation["gen_length"], generation["block_length"], generation["steps"]) == (16, 8, 8)
     assert (straight.parent / "curves.png").stat().st_size > 1000
     assert latest_checkpoint(straight.parent / "checkpoints" / "model") is None  # superseded by the final model
 

@@ -22,6 +22,8 @@ class ModelRecipe:
     ``mmdlm.vision.towers.create_vision_tower``; ``None`` = no understanding), and the VQ image tokenizer's
     :class:`~mmdlm.vision.image_tokenizer.VQConfig` fields (``None`` = the model cannot draw).
     ``image_tokenizer_path`` reuses a VQ tokenizer trained by another run (instead of an image_tokenizer stage).
+    ``generation`` holds decoding defaults saved with the model as ``generation_config.json``
+    (:class:`mmdlm.generation_config.MMDLMGenerationConfig` fields such as ``gen_length``, ``steps``).
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
     tokenizer are reused and the size fields here are ignored."""
 
@@ -42,6 +44,7 @@ class ModelRecipe:
     image_processor: Optional[dict[str, Any]] = None
     image_tokenizer: Optional[dict[str, Any]] = None
     image_tokenizer_path: Optional[str] = None
+    generation: Optional[dict[str, Any]] = None
     init_from: Optional[str] = None
 
 
@@ -289,6 +292,8 @@ def validate(recipe: Recipe) -> Recipe:
         _positive(getattr(recipe.model, key), f"model.{key}")
     if recipe.model.image_tokenizer is not None:
         _check_vq_fields(recipe.model.image_tokenizer)
+    if recipe.model.generation:
+        _check_generation_fields(recipe.model.generation)
     if not recipe.stages:
         raise RecipeError("stages: empty; list at least one stage (image_tokenizer, tokenizer, denoiser)")
     names: set[str] = set()
@@ -336,6 +341,17 @@ def _check_vq_fields(vq: dict[str, Any]) -> None:
             if isinstance(e, RecipeError):
                 raise
             raise RecipeError(f"model.image_tokenizer: {e}") from None
+
+
+def _check_generation_fields(generation: dict[str, Any]) -> None:
+    import inspect
+
+    from ..generation_config import MMDLMGenerationConfig
+
+    known = [k for k in inspect.signature(MMDLMGenerationConfig.__init__).parameters if k not in ("self", "kwargs")]
+    for key in generation:
+        if key not in known:
+            raise RecipeError(f"model.generation.{key}: unknown key; known keys here are {known}")
 
 
 def assign_stage_names(stages: list[Any]) -> list[Any]:

@@ -234,6 +234,22 @@ def _apply_freeze(model: torch.nn.Module, stage: DenoiserStage, path: str) -> No
         raise ValueError(f"{path}.projector_only: the model has no mm_projector (no vision tower in the recipe)")
 
 
+def _generation_config(model: Any, overrides: dict[str, Any]):
+    """The model's decoding defaults (its own, or fresh ones for its special tokens) with the recipe's overrides."""
+    from ..generation_config import MMDLMGenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    gen = copy.deepcopy(gen) if isinstance(gen, MMDLMGenerationConfig) else \
+        MMDLMGenerationConfig.from_model_config(model.config)
+    for key, value in overrides.items():
+        setattr(gen, key, value)
+    try:
+        gen.validate()
+    except ValueError as e:
+        raise ValueError(f"model.generation: {e}") from e
+    return gen
+
+
 def _check_loss_options(stage: DenoiserStage, path: str) -> None:
     from .. import diffusion
 
@@ -329,10 +345,12 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         raise StageStopped(stage.name)
     state_dict = acc.get_state_dict(trainer.model)
     final = acc.unwrap_model(trainer.model)
+    generation = _generation_config(final, ctx.recipe.model.generation or {})
 
     def write(tmp: Path) -> None:
         final.save_pretrained(str(tmp), state_dict=state_dict)
         processor.save_pretrained(tmp)
+        generation.save_pretrained(str(tmp))
 
     ctx.finish(stage, out, write)
     return out
