@@ -91,7 +91,7 @@ def generate_autoregressive(
     prompt_embeds = model.model.embed(input_ids, image_features)
 
     rows = torch.arange(B, device=device)  # original row index of each active row
-    nfe_per_row = torch.zeros(B, dtype=torch.long)
+    nfe_per_row = torch.zeros(B, dtype=torch.long, device=device)
     nfe = 0
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for t in range(max_new_tokens):
@@ -116,7 +116,7 @@ def generate_autoregressive(
             for (kb, vb), (k, v) in zip(kv, res.cache):
                 kb[:, :, cur - 1 : cur], vb[:, :, cur - 1 : cur] = k, v
         nfe += 1
-        nfe_per_row[rows.cpu()] += 1
+        nfe_per_row[rows] += 1
         nxt = res.logits[:, -1].argmax(-1)
         out[rows, cur] = nxt
         if len(stop):
@@ -130,5 +130,5 @@ def generate_autoregressive(
                 if rows.numel() == 0:
                     break
     if return_dict:
-        return AutoregressiveOutput(sequences=out, nfe=nfe, nfe_per_row=nfe_per_row)
+        return AutoregressiveOutput(sequences=out, nfe=nfe, nfe_per_row=nfe_per_row.cpu())
     return out

@@ -39,6 +39,11 @@ def stop_token_ids(model, eos_token_id: Optional[Union[int, Sequence[int]]] = No
     return list(dict.fromkeys(ids))
 
 
+def _schedule(n: int, steps: int) -> list[int]:
+    """LLaDA's per-step commit counts for n masked slots (host copy of ``num_transfer_tokens``)."""
+    return [n // steps + (i < n % steps) for i in range(steps)]
+
+
 def _draw(tail: tuple[int, ...], generator: Generator, batch: int, active: list[int], device) -> torch.Tensor:
     """Uniform noise for the active rows, consumed from the generator(s) exactly as the reference does: a single
     generator (or the global RNG) draws for all ``batch`` rows every step, a list draws per row."""
@@ -111,7 +116,7 @@ def generate(
     out = x.clone()  # every row in its original place; finished rows are written here and leave `x`
     prompt_real = torch.ones_like(input_ids, dtype=torch.bool)
     am = None
-    if attention_mask is not None:
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
         prompt_real = attention_mask.to(device).bool()
         am = torch.cat([prompt_real.long(), torch.ones(B, G, dtype=torch.long, device=device)], dim=1)
         pos = (am.cumsum(-1) - 1).clamp(min=0)
@@ -165,12 +170,16 @@ def generate(
     for b in range(num_blocks):
         s, e = P + b * block_length, P + (b + 1) * block_length
         quota = num_transfer_tokens(x[:, s:e] == mask_id, steps_per_block)
+        remaining, per_step = block_length, _schedule(block_length, steps_per_block)
         for i in range(steps_per_block):
             block = x[:, s:e]
             masked = block == mask_id
-            K = int(masked.sum(1).max())
-            if K == 0:
-                break  # every active row finished this block early (parallel rules)
+            if rule.kind == "fixed":
+                K = remaining  # every row follows the same schedule: known without asking the device
+            else:
+                K = int(masked.sum(1).max())
+                if K == 0:
+                    break  # every active row finished this block early
             # Candidate slots: each row's masked positions in order, padded with distinct committed ones.
             idx = (~masked).to(torch.uint8).argsort(dim=1, stable=True)[:, :K]
             valid = masked.gather(1, idx)
@@ -215,15 +224,14 @@ def generate(
                     entropy = entropy.masked_fill(hit, 1e300)
             confidence = confidence.masked_fill(~valid, float("-inf"))
             commit = select_commits(rule, confidence, valid, quota[:, i], i == steps_per_block - 1, entropy)
+            remaining -= per_step[i]
 
             block.scatter_(1, idx, torch.where(commit, x0, block.gather(1, idx)))
-            r, c = commit.nonzero(as_tuple=True)
-            if r.numel():
-                where = s + idx[r, c]
-                vec = embed_tokens(x0[r, c]).to(embeds.dtype)
-                embeds[r, where] = vec
-                if use_cfg:
-                    embeds[r + len(active), where] = vec
+            # Re-embed the block densely (masks map to the same mask embedding): no host sync, few kernels.
+            vec = embed_tokens(block).to(embeds.dtype)
+            embeds[: len(active), s:e] = vec
+            if use_cfg:
+                embeds[len(active):, s:e] = vec
             if len(stops):
                 gen = x[:, P:]
                 is_stop = torch.isin(gen, stop_t)
@@ -238,7 +246,7 @@ def generate(
                     keep_m = keep if not use_cfg else torch.cat([keep, keep + len(active)])
                     x, quota, act_t = x[keep], quota[keep], act_t[keep]
                     embeds, pos_m = embeds[keep_m], pos_m[keep_m]
-                    am_m = None if am_m is None else am_m[keep_m]
+                    am_m = None if am_m is None or bool(am_m[keep_m].all()) else am_m[keep_m]
                     bc.select_rows(keep_m)
                     active = [active[j] for j in keep.tolist()]
             if callback is not None:
