@@ -265,3 +265,16 @@ def test_autoregressive_rows_stop_at_eos_independently():
 def test_autoregressive_needs_a_causal_model():
     with pytest.raises(ValueError, match="is_causal"):
         generate_autoregressive(tiny(), torch.tensor([[3, 4]]), max_new_tokens=2)
+
+
+def test_image_features_are_merged_once_and_match_reference():
+    m = tiny(seed=8, image_token_id=3)
+    ids, am = batch(lengths=(7, 5))
+    ids[:, -4:-1] = 3  # three image slots per row, in the real part of both prompts
+    feats = torch.randn(6, 32)
+    ref = llada.generate(m, ids, am, image_features=feats, cfg_scale=1.0, **KW)
+    got = fast.generate(m, ids, am, image_features=feats, cfg_scale=1.0, early_stop=False, **KW)
+    assert torch.equal(got, ref)
+    # The features matter (so the comparison above is not vacuous).
+    other = fast.generate(m, ids, am, image_features=feats * -1, cfg_scale=1.0, early_stop=False, **KW)
+    assert not torch.equal(other, ref)
