@@ -76,6 +76,7 @@ class MultiTaskCollator:
         image_tokenizer: Any = None,
         max_length: int = 512,
         config: Any = None,
+        min_answer_length: int = 0,
     ) -> None:
         if max_length < 4:
             raise ValueError(f"max_length={max_length} is too small for any row")
@@ -84,6 +85,9 @@ class MultiTaskCollator:
         self.image_tokenizer = image_tokenizer
         self.max_length = int(max_length)
         self.config = config
+        # Text/understanding rows are EOS-padded to at least prompt + min_answer_length, so the denoiser sees
+        # as many trailing EOS targets in training as a sampler's gen_length canvas holds at inference.
+        self.min_answer_length = int(min_answer_length)
         ids = processor.token_ids
         self.bos, self.eos, self.pad = ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]
         self.t2i, self.soi, self.eoi = ids["t2i_token_id"], ids["soi_token_id"], ids["eoi_token_id"]
@@ -225,6 +229,9 @@ class MultiTaskCollator:
                 images.extend(self._kept_images(ex, ids))
             rows.append((task, ids, targets))
         width = max(len(ids) for _, ids, _ in rows)
+        if self.min_answer_length:
+            starts = [targets.index(1) for task, _, targets in rows if task != "t2i" and 1 in targets]
+            width = max([width] + [min(s + self.min_answer_length, self.max_length) for s in starts])
         B = len(rows)
         input_ids = torch.full((B, width), self.pad, dtype=torch.long)
         attention_mask = torch.ones((B, width), dtype=torch.long)

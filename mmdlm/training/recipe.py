@@ -209,8 +209,10 @@ class DenoiserStage:
     task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     loss: dict[str, Any] = field(default_factory=dict)
     max_length: int = 512
+    min_answer_length: int = 0
     group_by_task: bool = False
     bf16: bool = True
+    bf16_cpu: bool = False
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 0

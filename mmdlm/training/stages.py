@@ -289,7 +289,7 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     _check_loss_options(stage, path)
     _apply_freeze(model, stage, path)
     collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),
-                                 config=config)
+                                 config=config, min_answer_length=stage.min_answer_length)
     if config.can_draw_images:
         model.image_tokenizer.to(acc.device)  # prepare() moves the rest of the model there later
         n = precompute_image_codes(everything, model.image_tokenizer)

@@ -169,6 +169,9 @@ class StageTrainer:
         dev = self.acc.device
         if bf16 and dev.type == "cuda" and torch.cuda.is_bf16_supported() and self.acc.mixed_precision == "no":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if getattr(self.stage, "bf16_cpu", False) and dev.type == "cpu":
+            # about 1.5x faster on CPUs with bf16 kernels; norms, softmax and logits stay fp32 in the model
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return nullcontext()
 
     def _any_rank(self, flag: bool) -> bool:
