@@ -1,6 +1,6 @@
 """Masked-diffusion noise schedules and training objectives (LLaDA / MDLM / MMaDA / LaViDa), kept apart from the
-network: the forward (masking) process, the 1/p-weighted ELBO losses, MaskGIT's cosine image loss, and the
-Monte-Carlo ELBO likelihood used for scoring answers."""
+network: the forward (masking) process, the 1/p-weighted ELBO losses, MaskGIT's cosine image loss, the next-token
+objective of the causal (AR twin) baseline, and the Monte-Carlo ELBO likelihood used for scoring answers."""
 
 from __future__ import annotations
 
@@ -281,12 +281,78 @@ def _logit_positions(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
+OBJECTIVES = ("diffusion", "ar")
+
+
+def validate_loss_options(
+    objective: str = "diffusion",
+    *,
+    weighting: Optional[str] = None,
+    cfg_dropout: float = 0.0,
+    eps: float = EPS,
+    antithetic: bool = False,
+) -> None:
+    """Check a combination of :func:`compute_batch_loss` options; raises ``ValueError`` saying what to change.
+
+    The masking options (``weighting``, ``cfg_dropout``, ``eps``, ``antithetic``) belong to the masked-diffusion
+    objective; the next-token objective (``"ar"``) masks nothing, so setting any of them with it is an error.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective must be 'diffusion' (masked diffusion, the denoiser) or 'ar' (next-token, for a causal "
+            f"model), got {objective!r}."
+        )
+    if not 0.0 <= cfg_dropout <= 1.0:
+        raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")
+    if objective == "diffusion":
+        _check_options("sft", "elbo" if weighting is None else weighting)
+        return
+    misplaced = {"weighting": weighting is not None, "cfg_dropout": cfg_dropout > 0, "eps": eps != EPS,
+                 "antithetic": bool(antithetic)}
+    for name, is_set in misplaced.items():
+        if is_set:
+            raise ValueError(
+                f"{name} is a masked-diffusion option and does not apply to objective='ar' (next-token prediction "
+                f"masks nothing); remove {name}, or train a bidirectional model with objective='diffusion'."
+            )
+
+
+def _task_weights(task_weights: Optional[dict[Any, float]]) -> dict[str, float]:
+    weights = {name: 1.0 for name in TASK_NAMES.values()}
+    for key, value in (task_weights or {}).items():
+        name = TASK_NAMES.get(key, key)
+        if name not in weights:
+            raise ValueError(f"task_weights keys must be among {list(TASK_NAMES.values())} or 0/1/2, got {key!r}.")
+        weights[name] = float(value)
+    return weights
+
+
+def _next_token_ce(
+    model: torch.nn.Module, input_ids: torch.Tensor, am: torch.Tensor, targets: torch.Tensor, pixel_values: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-target CE of next-token prediction: the logits at position i score token i + 1, for every target i + 1
+    whose predecessor i is a real token. Returns ``(ce, rows, logits)`` with ``rows`` the batch row of each CE."""
+    predicts = torch.zeros_like(targets)
+    predicts[:, :-1] = targets[:, 1:] & am[:, :-1]
+    idx, valid = _logit_positions(predicts)
+    position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    logits = model(
+        input_ids=input_ids, attention_mask=am.long(), position_ids=position_ids, logits_to_keep=idx, **images
+    ).logits
+    labels = input_ids.gather(1, (idx + 1).clamp(max=input_ids.shape[1] - 1))
+    rows = valid.nonzero(as_tuple=True)[0]
+    ce = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
+    return ce, rows, logits
+
+
 def compute_batch_loss(
     model: torch.nn.Module,
     batch: dict[str, Any],
     *,
+    objective: str = "diffusion",
     task_weights: Optional[dict[Any, float]] = None,
-    weighting: str = "elbo",
+    weighting: Optional[str] = None,
     pad_counts_as_answer: bool = True,
     cfg_dropout: float = 0.0,
     eps: float = EPS,
@@ -299,26 +365,38 @@ def compute_batch_loss(
     for text/understanding rows, image-code slots for t2i rows), ``task_ids`` [B] (0 text, 1 understanding,
     2 t2i), optional ``pixel_values`` (the understanding rows' images, in row order) and ``p_mask`` [B].
 
-    Text and understanding rows: LLaDA SFT loss (1/p weighting, answer-length normalisation; ``weighting="mean"``
-    for LaViDa's plain mean). t2i rows: MaskGIT cosine masking and the unweighted mean CE. ``loss`` =
-    Σ_task ``task_weights[task]`` · loss_task over the tasks present (weights keyed by name or id, default 1.0).
+    ``objective="diffusion"`` (the denoiser). Text and understanding rows: LLaDA SFT loss (1/p weighting,
+    answer-length normalisation; ``weighting="mean"`` for LaViDa's plain mean, default ``"elbo"``). t2i rows:
+    MaskGIT cosine masking and the unweighted mean CE.
+
+    ``objective="ar"`` (the causal twin, ``config.is_causal=True``): nothing is masked; the logits at position i
+    predict token i + 1, and each task's loss is the mean CE over its rows' targets (``loss_mask`` at i + 1; a
+    target at position 0 has no predecessor and is skipped). ``p_mask`` is ignored; the masking options
+    (``weighting``, ``cfg_dropout``, ``eps``, ``antithetic``) are errors with it (see :func:`validate_loss_options`).
+
+    ``loss`` = Σ_task ``task_weights[task]`` · loss_task over the tasks present (weights keyed by name or id,
+    default 1.0).
 
     ``cfg_dropout`` q: each row, with probability q, loses its condition so the unconditional branch of CFG is
     trained — text/understanding rows get every real prompt token (image slots included) replaced by the mask,
     as LLaDA's sampler does; t2i rows hide their caption, leaving `<|t2i|> BOS EOS <|soi|> ...` exactly as
     :mod:`mmdlm.sampling.maskgit` builds its unconditional row. With ``pad_counts_as_answer=False`` the EOS
-    padding (trailing EOS after the first) is never masked and not counted in answer lengths.
+    padding (trailing EOS after the first) is never a target and not counted in answer lengths.
 
     Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
     """
-    _check_options("sft", weighting)
+    validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic)
+    weighting = "elbo" if weighting is None else weighting
     for key in ("input_ids", "attention_mask", "loss_mask", "task_ids"):
         if key not in batch:
             raise ValueError(f"the batch has no {key!r}; collate input_ids, attention_mask, loss_mask and task_ids.")
-    if not 0.0 <= cfg_dropout <= 1.0:
-        raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")
     config = _unwrap(model).config
-    if config.mask_token_id is None:
+    if objective == "ar" and not getattr(config, "is_causal", False):
+        raise ValueError(
+            "objective='ar' needs a causal model (config.is_causal=True): a bidirectional model sees the very token "
+            "it is asked to predict. Build the model with is_causal=True, or use objective='diffusion'."
+        )
+    if objective == "diffusion" and config.mask_token_id is None:
         raise ValueError("model.config.mask_token_id is None; set the id of <|mdm_mask|>.")
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -330,14 +408,45 @@ def compute_batch_loss(
         raise ValueError("attention_mask and loss_mask must be [B, L] like input_ids, task_ids [B].")
     if bool(((task_ids < 0) | (task_ids > 2)).any()):
         raise ValueError(f"task_ids must be 0 (text), 1 (understanding) or 2 (t2i), got {task_ids.tolist()}.")
-    mask_id = config.mask_token_id
+    weights = _task_weights(task_weights)
     is_t2i = (task_ids == TASK_T2I)[:, None]
     targets = loss_mask & am
-    pad = None
     if not pad_counts_as_answer:
         pad = _padding(input_ids, False, getattr(config, "eos_token_id", None), None) & ~is_t2i
         targets = targets & ~pad
 
+    if objective == "ar":
+        ce, rows, logits = _next_token_ce(model, input_ids, am, targets, batch.get("pixel_values"))
+    else:
+        ce, rows, logits, p = _masked_ce(model, batch, config, input_ids, am, loss_mask, targets, task_ids, is_t2i,
+                                         cfg_dropout, eps, antithetic, generator)
+
+    out: dict[str, torch.Tensor] = {}
+    total = logits.sum() * 0.0  # keeps the graph (and DDP) happy even if every term is empty
+    for task, name in TASK_NAMES.items():
+        in_task = task_ids == task
+        if not bool(in_task.any()):
+            continue
+        keep = in_task[rows]
+        if task == TASK_T2I or objective == "ar":
+            loss = ce[keep].sum() / max(int(keep.sum()), 1)
+        else:
+            # Row ids within the task so that the SFT mean is over this task's rows only.
+            local = torch.cumsum(in_task.long(), 0) - 1
+            loss = _reduce(ce[keep], local[rows[keep]], p[in_task], targets[in_task], "sft", weighting, None)
+        out[name] = loss
+        total = total + weights[name] * loss
+    out["loss"] = total
+    return out
+
+
+def _masked_ce(model, batch, config, input_ids, am, loss_mask, targets, task_ids, is_t2i, cfg_dropout, eps,
+               antithetic, generator):
+    """Noise the batch (LLaDA masking for text/understanding rows, MaskGIT for t2i rows, CFG condition dropout),
+    run the model and return ``(ce, rows, logits, p_mask)`` for the masked targets."""
+    mask_id = config.mask_token_id
+    B = input_ids.shape[0]
+    device = input_ids.device
     noisy_t, masked_t, p = forward_process(
         input_ids, mask_id, maskable=targets & ~is_t2i, p_mask=batch.get("p_mask"), eps=eps,
         antithetic=antithetic, generator=generator,
@@ -379,30 +488,7 @@ def compute_batch_loss(
     ).logits
     rows = valid.nonzero(as_tuple=True)[0]
     ce = F.cross_entropy(logits[valid].float(), input_ids.gather(1, idx)[valid], reduction="none")
-
-    weights = {name: 1.0 for name in TASK_NAMES.values()}
-    for key, value in (task_weights or {}).items():
-        name = TASK_NAMES.get(key, key)
-        if name not in weights:
-            raise ValueError(f"task_weights keys must be among {list(TASK_NAMES.values())} or 0/1/2, got {key!r}.")
-        weights[name] = float(value)
-    out: dict[str, torch.Tensor] = {}
-    total = logits.sum() * 0.0  # keeps the graph (and DDP) happy even if every term is empty
-    for task, name in TASK_NAMES.items():
-        in_task = task_ids == task
-        if not bool(in_task.any()):
-            continue
-        keep = in_task[rows]
-        if task == TASK_T2I:
-            loss = ce[keep].sum() / max(int(keep.sum()), 1)
-        else:
-            # Row ids within the task so that the SFT mean is over this task's rows only.
-            local = torch.cumsum(in_task.long(), 0) - 1
-            loss = _reduce(ce[keep], local[rows[keep]], p[in_task], targets[in_task], "sft", weighting, None)
-        out[name] = loss
-        total = total + weights[name] * loss
-    out["loss"] = total
-    return out
+    return ce, rows, logits, p
 
 
 def stratified_mask_counts(k: int, total: int, batch: int) -> torch.Tensor:

@@ -250,7 +250,9 @@ def _generation_config(model: Any, overrides: dict[str, Any]):
     return gen
 
 
-def _check_loss_options(stage: DenoiserStage, path: str) -> None:
+def _check_loss_options(stage: DenoiserStage, config: Any, path: str) -> None:
+    """Refuse unknown ``loss`` options, and an objective that does not fit the model's attention: a causal model
+    (``model.is_causal: true``) trains with next-token prediction, a bidirectional one with masked diffusion."""
     from .. import diffusion
 
     params = inspect.signature(diffusion.compute_batch_loss).parameters
@@ -258,6 +260,32 @@ def _check_loss_options(stage: DenoiserStage, path: str) -> None:
         if key not in params or key in ("model", "batch", "generator", "task_weights"):
             allowed = [k for k in params if k not in ("model", "batch", "generator", "task_weights")]
             raise ValueError(f"{path}.loss.{key}: unknown loss option; known options are {allowed}")
+    objective = stage.loss.get("objective", "diffusion")
+    if objective not in diffusion.OBJECTIVES:
+        raise ValueError(
+            f"{path}.loss.objective: {objective!r} is not an objective; use 'diffusion' (masked diffusion, the "
+            "default) or 'ar' (next-token prediction, for a causal model)"
+        )
+    causal = bool(getattr(config, "is_causal", False))
+    if objective == "ar" and not causal:
+        raise ValueError(
+            f"{path}.loss.objective: 'ar' (next-token prediction) needs a causal model, but this model is "
+            "bidirectional (model.is_causal: false), so it would see each token it predicts; set model.is_causal: "
+            "true for the AR twin (see configs/ar-twin.yaml), or drop objective: ar to train the masked-diffusion "
+            "denoiser"
+        )
+    if causal and objective != "ar":
+        raise ValueError(
+            f"{path}.loss.objective: the model is causal (model.is_causal: true) but the stage trains the "
+            f"{objective!r} objective, which needs bidirectional attention; set loss: {{objective: ar}} for the AR "
+            "twin, or model.is_causal: false for the masked-diffusion denoiser"
+        )
+    options = {k: v for k, v in stage.loss.items()
+               if k in inspect.signature(diffusion.validate_loss_options).parameters}
+    try:
+        diffusion.validate_loss_options(**options)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}.loss: {e}") from None
 
 
 def _check_capabilities(config: Any, examples: list[dict], path: str) -> None:
@@ -286,7 +314,7 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     config = model.config
     everything = list(mixture.examples) + list(eval_examples)
     _check_capabilities(config, everything, path)
-    _check_loss_options(stage, path)
+    _check_loss_options(stage, config, path)
     _apply_freeze(model, stage, path)
     collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),
                                  config=config, min_answer_length=stage.min_answer_length)
