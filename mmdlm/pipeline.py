@@ -5,95 +5,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from .data.shapes import CAPTION_PROMPT
+# BUNDLED_MODELS, resolve_model_path, MASK_GLYPH and the state classes are also importable from here, where they
+# lived before the model-folder and streaming code got their own modules.
+from .model_files import BUNDLED_MODELS, load_generation_defaults, load_processor, resolve_model_path  # noqa: F401
+from .streaming import (  # noqa: F401
+    MASK_GLYPH,
+    ForwardCounter,
+    GenerationStats,
+    ImageStreamState,
+    StreamState,
+    render_partial_image,
+    render_partial_text,
+    run_streaming,
+)
 
-# Bundled model names -> folders inside the installed package.
-BUNDLED_MODELS: dict[str, str] = {"shapes-tiny": "weights/shapes-tiny"}
-MASK_GLYPH = "░"  # how a still-masked token is shown in a partial answer
 SAMPLING_OPTIONS = (
     "sampler", "steps", "gen_length", "block_length", "temperature", "remasking", "cfg_scale", "threshold", "cache",
 )
 # Prompts longer than this many characters are refused before tokenization (which would be slow on huge strings).
 MAX_QUESTION_CHARS = 20_000
-
-
-@dataclass
-class GenerationStats:
-    """What one call cost: ``forward_passes`` (network evaluations), ``tokens`` (positions decoded per row),
-    ``tokens_per_forward`` (= tokens / forward_passes, > 1 means parallel decoding), ``seconds`` (wall clock)."""
-
-    forward_passes: int
-    tokens: int
-    tokens_per_forward: float
-    seconds: float
-    batch_size: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StreamState:
-    """One intermediate canvas of a text answer.
-
-    ``text`` is the partial answer with every still-masked token shown as :data:`MASK_GLYPH`; ``segments`` splits
-    it into ``(text, masked)`` runs for highlighting; ``masked`` counts the masked tokens left. The last state has
-    ``done=True``, ``text`` equal to the final answer and ``stats`` set.
-    """
-
-    text: str
-    segments: list[tuple[str, bool]] = field(default_factory=list)
-    step: int = 0
-    nfe: int = 0
-    masked: int = 0
-    done: bool = False
-    stats: GenerationStats | None = None
-
-
-@dataclass
-class ImageStreamState:
-    """One intermediate image: still-unknown image tokens are painted gray; ``done=True`` on the final image."""
-
-    image: Image.Image
-    step: int = 0
-    unknown: int = 0
-    done: bool = False
-    stats: GenerationStats | None = None
-
-
-class _Cancelled(Exception):
-    """Raised inside a sampler callback when the consumer of a stream stopped listening."""
-
-
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A bundled model name (see :data:`BUNDLED_MODELS`) or an existing local folder -> its folder."""
-    key = str(name_or_path)
-    if key in BUNDLED_MODELS:
-        path = Path(__file__).resolve().parent / BUNDLED_MODELS[key]
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the bundled model {key!r} is not installed (expected its files in {path}); "
-                "reinstall mmdlm, or pass the path of a model folder"
-            )
-        return path
-    path = Path(key).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no model named {key!r}: it is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing folder"
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(f"{key!r} is a file; pass the folder that holds the model's config.json")
-    return path
 
 
 def _is_batch(x: Any) -> bool:
@@ -155,8 +93,8 @@ class MMDLMPipeline:
                 raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
             dtype = getattr(torch, dtype)
         model, tokenizer, info = load_checkpoint(path, dtype=dtype, device=device)
-        processor = _load_processor(path, tokenizer, model)
-        gen_config = _load_generation_config(path, info, model)
+        processor = load_processor(path, tokenizer, model)
+        gen_config = load_generation_defaults(path, info, model)
         return cls(model, processor, gen_config)
 
     @property
@@ -241,13 +179,13 @@ class MMDLMPipeline:
 
         def run(emit: Callable[[Any], None]) -> list[Image.Image]:
             def on_step(step: int, codes: torch.Tensor) -> None:
-                image, unknown = self._render_partial_image(codes[0], grid)
+                image, unknown = render_partial_image(codes[0], grid, self.model.image_tokenizer, self.device)
                 emit(ImageStreamState(image=image, step=step, unknown=unknown))
 
             return self._generate_images([prompt], steps, guidance_scale, seed, temperature, on_step)
 
         last_step = -1
-        for item in _run_streaming(run, self._lock):
+        for item in run_streaming(run, self._lock):
             if isinstance(item, ImageStreamState):
                 last_step = item.step
                 yield item
@@ -391,17 +329,18 @@ class MMDLMPipeline:
         gen_length = self._gen_length(options)
 
         def run(emit: Callable[[Any], None]) -> Any:
-            calls = _ForwardCounter(self.model)
+            calls = ForwardCounter(self.model)
 
             def on_step(step: int, x: torch.Tensor) -> None:
-                emit(self._render_partial_text(x[0, x.shape[1] - gen_length:], step, calls.count))
+                emit(render_partial_text(x[0, x.shape[1] - gen_length:], step, calls.count,
+                                         config=self.model.config, tokenizer=self.processor.tokenizer))
 
             with calls:
                 return self._run_text(conversations, sampling, on_step)
 
         def states() -> Iterator[StreamState]:
             last_step = -1
-            for item in _run_streaming(run, self._lock):
+            for item in run_streaming(run, self._lock):
                 if isinstance(item, StreamState):
                     last_step = item.step
                     yield item
@@ -413,35 +352,6 @@ class MMDLMPipeline:
                                       nfe=stats.forward_passes, masked=0, done=True, stats=stats)
 
         return states()
-
-    def _render_partial_text(self, gen_ids: torch.Tensor, step: int, nfe: int) -> StreamState:
-        """Decode committed tokens run by run; show masks as MASK_GLYPH and stop at the first committed end token."""
-        cfg, tok = self.model.config, self.processor.tokenizer
-        stop_ids = {i for i in (cfg.eot_token_id, getattr(cfg, "eos_token_id", None), tok.eos_token_id) if i is not None}
-        mask_id = cfg.mask_token_id
-        segments: list[tuple[str, bool]] = []
-        run: list[int] = []
-        masked = 0
-
-        def flush() -> None:
-            if run:
-                text = tok.decode(run, skip_special_tokens=True)
-                if text:
-                    segments.append((text, False))
-                run.clear()
-
-        for t in gen_ids.tolist():
-            if t == mask_id:
-                flush()
-                segments.append((MASK_GLYPH, True))
-                masked += 1
-            elif t in stop_ids:
-                break
-            else:
-                run.append(t)
-        flush()
-        text = "".join(s for s, _ in segments).lstrip()
-        return StreamState(text=text, segments=segments, step=step, nfe=nfe, masked=masked)
 
     # ---------------------------------------------------------------------------------------------------------------
     # internals: images
@@ -473,7 +383,7 @@ class MMDLMPipeline:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         start = time.perf_counter()
         with (self._lock if callback is None else contextlib.nullcontext()), torch.no_grad():
-            calls = _ForwardCounter(self.model)
+            calls = ForwardCounter(self.model)
             with calls:
                 codes = generate_image_tokens(
                     self.model, self.processor.build_t2i_prompt([p.strip() for p in prompts]), h * w, steps=steps,
@@ -485,100 +395,3 @@ class MMDLMPipeline:
                                           tokens_per_forward=h * w / passes if passes else 0.0,
                                           seconds=time.perf_counter() - start, batch_size=len(prompts))
         return images
-
-    def _render_partial_image(self, codes: torch.Tensor, grid: tuple[int, int]) -> tuple[Image.Image, int]:
-        """Decode the known codes (the sampler marks unknown ones -1) and paint the unknown patches gray."""
-        h, w = grid
-        unknown = codes.reshape(h, w) < 0
-        filled = codes.reshape(1, h, w).clamp(min=0)
-        pixels = self.model.image_tokenizer.decode(filled.to(self.device))[0].float().cpu()
-        _, H, W = pixels.shape
-        cell = unknown.cpu().repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
-        pixels[:, : cell.shape[0], : cell.shape[1]][:, cell] = 0.5
-        return self.model.image_tokenizer.to_pil(pixels)[0], int(unknown.sum())
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# helpers
-
-
-class _ForwardCounter:
-    """Counts the model's top-level forward calls while active (what a stream reports as forward passes)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.count, self._handle = model, 0, None
-
-    def _hook(self, *_: Any) -> None:
-        self.count += 1
-
-    def __enter__(self) -> "_ForwardCounter":
-        self._handle = self.model.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
-
-
-def _run_streaming(run: Callable[[Callable[[Any], None]], Any], lock: threading.Lock) -> Iterator[Any]:
-    """Run ``run(emit)`` in a worker thread (holding ``lock``) and yield what it emits, then its return value.
-
-    Exceptions from the worker are re-raised here unchanged. If the consumer stops early, the next ``emit`` raises
-    inside the worker so the sampler stops too.
-    """
-    items: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    ITEM, DONE, ERROR = 0, 1, 2
-
-    def emit(item: Any) -> None:
-        if stop.is_set():
-            raise _Cancelled()
-        items.put((ITEM, item))
-
-    def worker() -> None:
-        try:
-            with lock, torch.no_grad():  # grad mode is per thread
-                result = run(emit)
-            items.put((DONE, result))
-        except _Cancelled:
-            items.put((DONE, None))
-        except BaseException as e:  # noqa: BLE001 — handed to the consumer thread
-            items.put((ERROR, e))
-
-    thread = threading.Thread(target=worker, name="mmdlm-stream", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, payload = items.get()
-            if kind == ERROR:
-                raise payload
-            yield payload
-            if kind == DONE:
-                return
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-
-
-def _load_processor(path: Path, tokenizer: Any, model: Any) -> Any:
-    """The folder's saved processor, else one built from the model config and the checkpoint's tokenizer."""
-    from .processing import PROCESSOR_CONFIG_NAME, MMDLMProcessor
-
-    if (path / PROCESSOR_CONFIG_NAME).is_file():
-        return MMDLMProcessor.from_pretrained(path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{str(path)!r} has neither {PROCESSOR_CONFIG_NAME} nor a tokenizer; "
-                                "save one with MMDLMProcessor.save_pretrained(folder)")
-    return MMDLMProcessor.from_config(model.config, tokenizer, vision_tower=getattr(model.model, "vision_tower", None))
-
-
-def _load_generation_config(path: Path, info: Any, model: Any) -> Any:
-    """Decoding defaults: the checkpoint loader's, else the folder's generation_config.json, else the model's."""
-    from .generation_config import MMDLMGenerationConfig, load_generation_config
-
-    found = info.get("generation_config") if isinstance(info, dict) else getattr(info, "generation_config", None)
-    if isinstance(found, MMDLMGenerationConfig):
-        return found
-    if (path / "generation_config.json").is_file():
-        return load_generation_config(path)
-    own = getattr(model, "generation_config", None)
-    return own if isinstance(own, MMDLMGenerationConfig) else MMDLMGenerationConfig()
