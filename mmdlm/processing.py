@@ -11,11 +11,12 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
+from . import prompts
+from .conversations import normalize_conversation
 from .tokenization import IMAGE_TOKEN, special_token_ids
 from .vision.image_processing import MMDLMImageProcessor, load_image
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-_IMAGE_KEYS = ("image", "path", "url")  # where a transformers-5 image block may carry its image
 
 
 def _tower_geometry(vision_config: dict[str, Any], vision_tower: Any = None) -> dict[str, Any]:
@@ -259,74 +260,6 @@ class MMDLMProcessor:
 
     # ------------------------------------------------------------------------------------------------ chat
 
-    def _normalize(self, conversation: Any, extra_images: list[Any], row: int) -> tuple[list[dict], list[Any]]:
-        """Validate one conversation; return template-ready messages and its images in text order.
-
-        Image blocks carry their image or take the next one of ``extra_images``; each ``<image>`` written in
-        text also takes the next one of ``extra_images``.
-        """
-        if not isinstance(conversation, (list, tuple)) or not conversation:
-            raise ValueError(
-                f"conversation {row} is empty or not a list of messages; pass [{{'role': 'user', 'content': ...}}]."
-            )
-        pending = list(extra_images)
-        images: list[Any] = []
-
-        def take(n: int, what: str) -> None:
-            if n > len(pending):
-                raise ValueError(
-                    f"conversation {row} has more images to place ({what}) than images passed in images=...; "
-                    "put each image in its block ({'type': 'image', 'image': ...}) or pass one image per placeholder."
-                )
-            images.extend(pending[:n])
-            del pending[:n]
-
-        messages: list[dict] = []
-        for m, msg in enumerate(conversation):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                raise ValueError(f"message {m} of conversation {row} must be a dict with 'role' and 'content'.")
-            content = msg["content"]
-            if isinstance(content, str):
-                take(content.count(IMAGE_TOKEN), f"{IMAGE_TOKEN} in message {m}")
-                messages.append({"role": msg["role"], "content": content})
-                continue
-            if not isinstance(content, (list, tuple)):
-                raise ValueError(
-                    f"message {m} of conversation {row} has content of type {type(content).__name__}; "
-                    "use a string or a list of {'type': 'image'|'text', ...} blocks."
-                )
-            blocks = []
-            for block in content:
-                kind = block.get("type") if isinstance(block, dict) else None
-                if kind == "text":
-                    if not isinstance(block.get("text"), str):
-                        raise ValueError(f"a text block in message {m} of conversation {row} needs a 'text' string.")
-                    take(block["text"].count(IMAGE_TOKEN), f"{IMAGE_TOKEN} in a text block of message {m}")
-                    blocks.append({"type": "text", "text": block["text"]})
-                elif kind == "image":
-                    payload = next((block[k] for k in _IMAGE_KEYS if block.get(k) is not None), None)
-                    if isinstance(payload, str) and payload.startswith(("http://", "https://")):
-                        raise ValueError(
-                            f"image URL {payload!r}: mmdlm never downloads; save the image and pass its local path."
-                        )
-                    if payload is None:
-                        take(1, f"an image block without an image in message {m}")
-                    else:
-                        images.append(payload)
-                    blocks.append({"type": "image"})
-                else:
-                    raise ValueError(
-                        f"unknown content type {kind!r} in message {m} of conversation {row}; supported: 'text', "
-                        "'image' (with 'image', 'path' or 'url' holding a local path, PIL image or array)."
-                    )
-            messages.append({"role": msg["role"], "content": blocks})
-        if pending:
-            raise ValueError(
-                f"conversation {row} got {len(pending)} more image(s) in images=... than it has places for; "
-                f"add an image block or an {IMAGE_TOKEN} placeholder for each image."
-            )
-        return messages, images
-
     def apply_chat_template(
         self,
         conversation: Any,
@@ -357,7 +290,7 @@ class MMDLMProcessor:
             per_row = [list(r) for r in images]
         else:
             per_row = [list(images)]
-        normalized = [self._normalize(c, extra, r) for r, (c, extra) in enumerate(zip(conversations, per_row))]
+        normalized = [normalize_conversation(c, extra, r) for r, (c, extra) in enumerate(zip(conversations, per_row))]
         texts = [
             self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
             for msgs, _ in normalized
@@ -399,56 +332,19 @@ class MMDLMProcessor:
 
     # ------------------------------------------------------------------------------------------------ task prompts
 
-    def _text_ids(self, texts: str | Sequence[str]) -> list[list[int]]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("pass a string or a non-empty list of strings.")
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
     def build_t2i_prompt(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Text-to-image prompts ``<|t2i|> BOS text EOS`` (MMaDA; the empty text gives the unconditional prompt);
         the sampler appends ``<|soi|> MASK*N <|eoi|>``."""
-        t = self.token_ids
-        return [[t["t2i_token_id"], t["bos_token_id"], *ids, t["eos_token_id"]] for ids in self._text_ids(texts)]
+        return prompts.build_t2i_prompt(self, texts)
 
     def build_text_prompt(self, texts: str | Sequence[str], add_eos: bool = False) -> list[list[int]]:
         """Plain-text prompts ``BOS text`` (no chat template, as for a base model); ``add_eos`` closes them."""
-        t = self.token_ids
-        tail = [t["eos_token_id"]] if add_eos else []
-        return [[t["bos_token_id"], *ids, *tail] for ids in self._text_ids(texts)]
+        return prompts.build_text_prompt(self, texts, add_eos=add_eos)
 
     def build_mmu_codes_prompt(self, codes: Any, question: str | Sequence[str]) -> list[list[int]]:
         """Understanding from image codes (MMaDA): ``<|mmu|> <|soi|> codes+offset <|eoi|>`` followed by the
         chat-templated question with the assistant header. ``codes`` is [N] or [B, N]."""
-        if self.image_token_offset is None:
-            raise ValueError(
-                "image_token_offset is unknown; build the processor with MMDLMProcessor.from_config(config, tokenizer) "
-                "for a model that has image codes."
-            )
-        codes_t = torch.as_tensor(codes)
-        if codes_t.dim() == 1:
-            codes_t = codes_t[None]
-        if codes_t.dim() != 2 or codes_t.is_floating_point():
-            raise ValueError(f"codes must be integer ids of shape [N] or [B, N], got {tuple(codes_t.shape)}.")
-        too_big = self.codebook_size and codes_t.numel() and int(codes_t.max()) >= self.codebook_size
-        if codes_t.numel() and (int(codes_t.min()) < 0 or too_big):
-            raise ValueError(
-                f"image codes must lie in [0, {self.codebook_size or 'codebook_size'}), got "
-                f"[{int(codes_t.min())}, {int(codes_t.max())}]; pass raw codes, not token ids."
-            )
-        questions = [question] * codes_t.shape[0] if isinstance(question, str) else list(question)
-        if len(questions) != codes_t.shape[0]:
-            raise ValueError(f"{codes_t.shape[0]} code rows but {len(questions)} questions; give one question per row.")
-        t = self.token_ids
-        out = []
-        for row, q in zip(codes_t.tolist(), questions):
-            chat = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-            )
-            chat_ids = self.tokenizer(chat, add_special_tokens=False)["input_ids"]
-            image_ids = [c + self.image_token_offset for c in row]
-            out.append([t["mmu_token_id"], t["soi_token_id"], *image_ids, t["eoi_token_id"], *chat_ids])
-        return out
+        return prompts.build_mmu_codes_prompt(self, codes, question)
 
     # ------------------------------------------------------------------------------------------------ decoding
 
