@@ -1,109 +1,29 @@
-"""Masked-diffusion noise schedules and training objectives (LLaDA / MDLM / MMaDA / LaViDa), kept apart from the
-network: the forward (masking) process, the 1/p-weighted ELBO losses, MaskGIT's cosine image loss, the next-token
-objective of the causal (AR twin) baseline, and the Monte-Carlo ELBO likelihood used for scoring answers."""
+"""Training objectives, kept apart from the network: LLaDA's 1/p-weighted masked-diffusion losses, MaskGIT's image
+loss and the mixed-task batch loss, with a next-token variant for the causal AR twin (noise: :mod:`mmdlm.masking`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-3  # LLaDA/SMDM: p_mask = (1 - eps) t + eps, so no sample is ever completely clean
+# The forward process and the likelihood are also importable from here, where they lived before their own modules.
+from .likelihood import elbo_log_likelihood, stratified_mask_counts  # noqa: F401
+from .masking import (  # noqa: F401
+    EPS,
+    _p_mask,
+    _rand,
+    complementary_forward_process,
+    cosine_mask_ratio,
+    forward_process,
+    mask_image_tokens,
+    mask_probability,
+    sample_t,
+)
+
 TASK_TEXT, TASK_UNDERSTANDING, TASK_T2I = 0, 1, 2
 TASK_NAMES = {TASK_TEXT: "text", TASK_UNDERSTANDING: "understanding", TASK_T2I: "t2i"}
-
-
-def _rand(shape: tuple[int, ...], generator: Optional[torch.Generator], device: Any) -> torch.Tensor:
-    """U[0, 1) drawn on the generator's device (a CPU generator then works for CUDA tensors too)."""
-    where = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=where).to(device)
-
-
-def sample_t(
-    batch: int, *, antithetic: bool = False, generator: Optional[torch.Generator] = None, device: Any = None
-) -> torch.Tensor:
-    """Diffusion times t ~ U[0, 1), shape [batch]. ``antithetic`` spreads them as (u/B + i/B) mod 1 (MDLM), which
-    lowers the variance of the batch loss."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}.")
-    u = _rand((batch,), generator, device)
-    if antithetic:
-        u = (u / batch + torch.arange(batch, device=u.device, dtype=u.dtype) / batch) % 1.0
-    return u
-
-
-def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Per-token masking probability of the log-linear schedule: (1 - eps) t + eps."""
-    return (1.0 - eps) * t + eps
-
-
-def _p_mask(p_mask: Any, batch: int, device: Any) -> torch.Tensor:
-    p = torch.as_tensor(p_mask, dtype=torch.float32, device=device)
-    p = p.expand(batch) if p.dim() == 0 else p
-    if p.shape != (batch,):
-        raise ValueError(f"p_mask must be a scalar or a [batch] = [{batch}] tensor, got {tuple(p.shape)}.")
-    if bool((p <= 0).any()) or bool((p > 1).any()):
-        raise ValueError("p_mask must lie in (0, 1]; 1/p_mask weights the loss.")
-    return p
-
-
-def forward_process(
-    input_ids: torch.Tensor,
-    mask_id: int,
-    *,
-    maskable: Optional[torch.Tensor] = None,
-    p_mask: Any = None,
-    eps: float = EPS,
-    antithetic: bool = False,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask each maskable token independently with probability p_mask (one p per row).
-
-    ``maskable`` [B, L] (default: every position) marks the diffusion targets (the answer in SFT: the prompt is
-    never masked). ``p_mask`` (scalar or [B]) defaults to ``mask_probability(sample_t(B))``.
-    Returns ``(noisy_ids, masked [B, L] bool, p_mask [B])``.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}.")
-    B, L = input_ids.shape
-    device = input_ids.device
-    if p_mask is None:
-        p = mask_probability(sample_t(B, antithetic=antithetic, generator=generator, device=device), eps)
-    else:
-        p = _p_mask(p_mask, B, device)
-    masked = _rand((B, L), generator, device) < p[:, None]
-    if maskable is not None:
-        if maskable.shape != input_ids.shape:
-            raise ValueError(f"maskable must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(maskable.shape)}.")
-        masked &= maskable.to(device=device, dtype=torch.bool)
-    return input_ids.masked_fill(masked, mask_id), masked, p
-
-
-def complementary_forward_process(
-    input_ids: torch.Tensor,
-    mask_id: int,
-    *,
-    maskable: Optional[torch.Tensor] = None,
-    p_mask: Any = None,
-    eps: float = EPS,
-    antithetic: bool = False,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LaViDa's complementary masking: every maskable token is masked in exactly one of two copies.
-
-    Returns ``(noisy_ids [2B, L], masked [2B, L], p_mask [2B])``: rows ``B..2B-1`` mask the complement (within
-    ``maskable``) of rows ``0..B-1``; their p_mask is 1 - p (floored at ``eps``). Use ``input_ids.repeat(2, 1)`` as
-    targets (and repeat the image features) so one forward trains on every answer token.
-    """
-    noisy, masked, p = forward_process(
-        input_ids, mask_id, maskable=maskable, p_mask=p_mask, eps=eps, antithetic=antithetic, generator=generator
-    )
-    allowed = torch.ones_like(masked) if maskable is None else maskable.to(device=masked.device, dtype=torch.bool)
-    masked_c = allowed & ~masked
-    noisy_c = input_ids.masked_fill(masked_c, mask_id)
-    return torch.cat([noisy, noisy_c]), torch.cat([masked, masked_c]), torch.cat([p, (1.0 - p).clamp(min=eps)])
 
 
 def trailing_padding(targets: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -206,37 +126,6 @@ def masked_diffusion_loss(
     rows = in_loss.nonzero(as_tuple=True)[0]
     ce = F.cross_entropy(logits[in_loss].float(), targets[in_loss], reduction="none")
     return _reduce(ce, rows, p, region, objective, weighting, B * L if pad is None else None)
-
-
-def cosine_mask_ratio(t: torch.Tensor) -> torch.Tensor:
-    """MaskGIT's cosine schedule: the fraction of image tokens masked at time t is cos(π t / 2)."""
-    return torch.cos(math.pi * t / 2)
-
-
-def mask_image_tokens(
-    codes: torch.Tensor,
-    mask_id: int,
-    generator: Optional[torch.Generator] = None,
-    *,
-    maskable: Optional[torch.Tensor] = None,
-    t: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MaskGIT/MMaDA corruption: per row t ~ U[0,1), n = max(1, round(N·cos(πt/2))) random slots set to ``mask_id``.
-
-    ``codes`` [B, N] are the image tokens (or a whole sequence with ``maskable`` marking its N_i image slots).
-    Returns ``(noisy, masked [B, N] bool, mask_ratio [B])``.
-    """
-    B, N = codes.shape
-    region = torch.ones_like(codes, dtype=torch.bool) if maskable is None else maskable.to(codes.device, torch.bool)
-    t = sample_t(B, generator=generator, device=codes.device) if t is None else t.to(codes.device)
-    ratio = cosine_mask_ratio(t)
-    available = region.sum(1)
-    n = (available * ratio).round().long().clamp(min=1)
-    n = torch.minimum(n, available)
-    scores = _rand((B, N), generator, codes.device).masked_fill(~region, 2.0)  # non-slots sort last
-    rank = scores.argsort(1).argsort(1)
-    masked = rank < n[:, None]
-    return codes.masked_fill(masked, mask_id), masked, ratio
 
 
 def image_token_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -489,75 +378,3 @@ def _masked_ce(model, batch, config, input_ids, am, loss_mask, targets, task_ids
     rows = valid.nonzero(as_tuple=True)[0]
     ce = F.cross_entropy(logits[valid].float(), input_ids.gather(1, idx)[valid], reduction="none")
     return ce, rows, logits, p
-
-
-def stratified_mask_counts(k: int, total: int, batch: int) -> torch.Tensor:
-    """LLaDA's stratified mask counts for one Monte-Carlo batch: round(linspace(k, k + (b-1)·T/b, b)) wrapped into
-    1..T (``((x - 1) mod T) + 1``), so the b rows cover the noise levels evenly."""
-    x = torch.round(torch.linspace(float(k), k + (batch - 1) * (total / batch), steps=batch, dtype=torch.float64))
-    return (x.long() - 1) % total + 1
-
-
-@torch.no_grad()
-def elbo_log_likelihood(
-    model: torch.nn.Module,
-    prompt_ids: Any,
-    answer_ids: Any,
-    *,
-    mc_num: int = 128,
-    batch_size: int = 16,
-    cfg_scale: float = 0.0,
-    mask_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    image_features: Optional[torch.Tensor] = None,
-) -> float:
-    """Monte-Carlo ELBO lower bound of log p(answer | prompt), LLaDA's ``get_log_likelihood``.
-
-    Each of the ``mc_num / batch_size`` batches draws k ~ U{1..T} (T = answer length), gives its rows the
-    :func:`stratified_mask_counts`, masks exactly that many random answer tokens per row (the prompt stays
-    clean), and scores Σ_masked CE / (count/T) ÷ batch. Returns −(mean over batches). ``cfg_scale`` > 0 mixes in
-    a copy whose prompt is all masks: l_u + (w+1)(l_c − l_u). ``image_features`` fills the prompt's image slots.
-    """
-    if mc_num < 1 or batch_size < 1 or mc_num % batch_size:
-        raise ValueError(
-            f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size}); e.g. mc_num=128, batch_size=16."
-        )
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}.")
-    config = _unwrap(model).config
-    mask_id = config.mask_token_id if mask_id is None else mask_id
-    if mask_id is None:
-        raise ValueError("no mask id: pass mask_id or set model.config.mask_token_id.")
-    device = next(model.parameters()).device
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
-    answer = torch.as_tensor(answer_ids, dtype=torch.long, device=device).flatten()
-    P, T = prompt.numel(), answer.numel()
-    if T == 0:
-        raise ValueError("answer_ids is empty; there is nothing to score.")
-    if bool((prompt == mask_id).any()) or bool((answer == mask_id).any()):
-        raise ValueError(f"prompt/answer contain the mask id {mask_id}; score clean text only.")
-    b = batch_size
-    seq = torch.cat([prompt, answer])[None].expand(b, -1)
-    keep = torch.arange(P, P + T, device=device)[None].expand(b, -1)
-    targets = answer[None].expand(b, -1)
-    features = None if image_features is None else image_features.repeat(b, 1)
-    scores = []
-    for _ in range(mc_num // b):
-        k = int(torch.randint(1, T + 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
-        counts = stratified_mask_counts(k, T, b).to(device)
-        rank = _rand((b, T), generator, device).argsort(1).argsort(1)
-        is_mask = rank < counts[:, None]
-        noisy = seq.clone()
-        noisy[:, P:] = torch.where(is_mask, mask_id, targets)
-        if cfg_scale > 0:
-            uncond = noisy.clone()
-            uncond[:, :P] = mask_id
-            both = model(input_ids=torch.cat([noisy, uncond]), image_features=features, logits_to_keep=keep.repeat(2, 1)).logits
-            cond, un = both.chunk(2)
-            logits = un + (cfg_scale + 1.0) * (cond - un)
-        else:
-            logits = model(input_ids=noisy, image_features=features, logits_to_keep=keep).logits
-        ce = F.cross_entropy(logits[is_mask].float(), targets[is_mask], reduction="none")
-        p = (counts.double() / T)[:, None].expand(b, T)[is_mask]
-        scores.append(float((ce.double() / p).sum() / b))
-    return -sum(scores) / len(scores)
