@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from mmdlm import MMDLMConfig, MMDLMForConditionalGeneration, diffusion
 from mmdlm.diffusion import compute_batch_loss, validate_loss_options
+from mmdlm.training.denoiser_stage import _check_loss_options
 from mmdlm.training.plots import read_metrics
 from mmdlm.training.recipe import DenoiserStage, load_recipe, recipe_from_dict
-from mmdlm.training.stages import _check_loss_options, train
+from mmdlm.training.stages import train
 
 MASK, EOS, BOS, T2I, SOI, EOI = 63, 2, 1, 6, 4, 5
 V = 64

@@ -1,0 +1,260 @@
+"""The denoiser stage of a run: build (or load) the model, check the recipe's loss options and freezing against
+it, train it on the task mixture with :func:`mmdlm.diffusion.compute_batch_loss`, and save the final folder."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .collators import TASK_IDS, MultiTaskCollator, precompute_image_codes
+from .mixture import Mixture
+from .recipe import DenoiserStage
+from .run_context import RunContext, StageStopped, _fingerprint
+from .tokenizer_stages import _load_tokenizer
+from .trainer import StageTrainer, build_param_groups, name_matches, step_seed
+
+
+def _config_fingerprint(config: Any, tokenizer: Any) -> str:
+    d = {k: v for k, v in config.to_dict().items()
+         if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")}
+    return _fingerprint(d, sorted(tokenizer.get_vocab().items()))
+
+
+def _fresh_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
+    from ..configuration_mmdlm import MMDLMConfig
+    from ..modeling_mmdlm import MMDLMForConditionalGeneration
+    from ..processing import MMDLMProcessor
+    from ..tokenization import config_token_fields
+    from ..vision.image_processing import MMDLMImageProcessor
+
+    m = ctx.recipe.model
+    sizes = {k: getattr(m, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size", "head_dim", "max_position_embeddings", "rope_theta",
+                                        "tie_word_embeddings", "is_causal", "initializer_range")}
+    fields = config_token_fields(tokenizer, codebook_size=vq.codebook_size if vq is not None else 0)
+    try:
+        config = MMDLMConfig(
+            **sizes, **fields, vision_config=m.vision_tower, mm_projector_type=m.mm_projector_type,
+            use_image_newline=m.use_image_newline,
+            image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
+                                    if vq is not None else None),
+        )
+        torch.manual_seed(step_seed(ctx.recipe.seed, index, 0))
+        model = MMDLMForConditionalGeneration(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"model: cannot build the model from the recipe: {e}") from e
+    if vq is not None:
+        model.image_tokenizer.load_state_dict(vq.state_dict())
+    image_processor = MMDLMImageProcessor(**m.image_processor) if m.image_processor else None
+    processor = MMDLMProcessor.from_config(config, tokenizer, image_processor=image_processor)
+    return model, processor
+
+
+def _load_model(path: Path):
+    from ..modeling_mmdlm import MMDLMForConditionalGeneration
+    from ..processing import MMDLMProcessor
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no mmdlm model at {path} (config.json missing)")
+    model = MMDLMForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
+    return model.float(), MMDLMProcessor.from_pretrained(path)
+
+
+def _apply_freeze(model: torch.nn.Module, stage: DenoiserStage, path: str) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    for i, prefix in enumerate(stage.freeze):
+        if not any(name_matches(n, prefix) for n in names):
+            raise ValueError(
+                f"{path}.freeze[{i}]: {prefix!r} matches no parameter; names look like {names[:3]} "
+                "(prefixes such as 'vision_tower', 'mm_projector', 'model.layers', 'model.embed_tokens', 'lm_head')"
+            )
+    for name, p in model.named_parameters():
+        trainable = not name.startswith("image_tokenizer.")  # the VQ is trained by its own stage only
+        if stage.projector_only:
+            trainable = name_matches(name, "mm_projector") or name_matches(name, "image_newline")
+        if any(name_matches(name, f) for f in stage.freeze):
+            trainable = False
+        p.requires_grad_(trainable)
+    if stage.projector_only and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{path}.projector_only: the model has no mm_projector (no vision tower in the recipe)")
+
+
+def _generation_config(model: Any, overrides: dict[str, Any]):
+    """The model's decoding defaults (its own, or fresh ones for its special tokens) with the recipe's overrides."""
+    from ..generation_config import MMDLMGenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    gen = copy.deepcopy(gen) if isinstance(gen, MMDLMGenerationConfig) else \
+        MMDLMGenerationConfig.from_model_config(model.config)
+    for key, value in overrides.items():
+        setattr(gen, key, value)
+    try:
+        gen.validate()
+    except ValueError as e:
+        raise ValueError(f"model.generation: {e}") from e
+    return gen
+
+
+def _check_loss_options(stage: DenoiserStage, config: Any, path: str) -> None:
+    """Refuse unknown ``loss`` options, and an objective that does not fit the model's attention: a causal model
+    (``model.is_causal: true``) trains with next-token prediction, a bidirectional one with masked diffusion."""
+    from .. import diffusion
+
+    params = inspect.signature(diffusion.compute_batch_loss).parameters
+    for key in stage.loss:
+        if key not in params or key in ("model", "batch", "generator", "task_weights"):
+            allowed = [k for k in params if k not in ("model", "batch", "generator", "task_weights")]
+            raise ValueError(f"{path}.loss.{key}: unknown loss option; known options are {allowed}")
+    objective = stage.loss.get("objective", "diffusion")
+    if objective not in diffusion.OBJECTIVES:
+        raise ValueError(
+            f"{path}.loss.objective: {objective!r} is not an objective; use 'diffusion' (masked diffusion, the "
+            "default) or 'ar' (next-token prediction, for a causal model)"
+        )
+    causal = bool(getattr(config, "is_causal", False))
+    if objective == "ar" and not causal:
+        raise ValueError(
+            f"{path}.loss.objective: 'ar' (next-token prediction) needs a causal model, but this model is "
+            "bidirectional (model.is_causal: false), so it would see each token it predicts; set model.is_causal: "
+            "true for the AR twin (see configs/ar-twin.yaml), or drop objective: ar to train the masked-diffusion "
+            "denoiser"
+        )
+    if causal and objective != "ar":
+        raise ValueError(
+            f"{path}.loss.objective: the model is causal (model.is_causal: true) but the stage trains the "
+            f"{objective!r} objective, which needs bidirectional attention; set loss: {{objective: ar}} for the AR "
+            "twin, or model.is_causal: false for the masked-diffusion denoiser"
+        )
+    options = {k: v for k, v in stage.loss.items()
+               if k in inspect.signature(diffusion.validate_loss_options).parameters}
+    try:
+        diffusion.validate_loss_options(**options)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}.loss: {e}") from None
+
+
+def _check_capabilities(config: Any, examples: list[dict], path: str) -> None:
+    if any(ex["task"] == "t2i" for ex in examples) and not config.can_draw_images:
+        raise ValueError(
+            f"{path}: the mixture has t2i examples but the model has no image tokenizer; add model.image_tokenizer "
+            "and an image_tokenizer stage, or drop the 't2i' tasks from the sources"
+        )
+    if any(ex["task"] == "understanding" and ex.get("images") for ex in examples) and not config.can_understand_images:
+        raise ValueError(
+            f"{path}: the mixture has examples with images but the model has no vision tower; set model.vision_tower"
+        )
+
+
+def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: Mixture, eval_examples: list[dict],
+                    start: Any) -> Path:
+    from .. import diffusion
+
+    out = ctx.output_dir / stage.name
+    if (out / "config.json").is_file() and (out / "processor_config.json").is_file():
+        ctx.log(f"stage {stage.name!r}: output exists at {out}, skipping")
+        return out
+    ctx.check_fresh(stage)
+    acc, seed, path = ctx.accelerator, ctx.recipe.seed, f"stages[{index}]"
+    model, processor = start()
+    config = model.config
+    everything = list(mixture.examples) + list(eval_examples)
+    _check_capabilities(config, everything, path)
+    _check_loss_options(stage, config, path)
+    _apply_freeze(model, stage, path)
+    collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),
+                                 config=config, min_answer_length=stage.min_answer_length)
+    if config.can_draw_images:
+        model.image_tokenizer.to(acc.device)  # prepare() moves the rest of the model there later
+        n = precompute_image_codes(everything, model.image_tokenizer)
+        ctx.log(f"stage {stage.name!r}: encoded {n} t2i images into {model.image_tokenizer.num_tokens} codes each")
+    for i, ex in enumerate(everything):  # surface over-long or malformed rows before the first step
+        try:
+            collator.encode(ex)
+        except ValueError as e:
+            where = "eval example" if i >= len(everything) - len(eval_examples) else "training example"
+            raise ValueError(f"{path}: {where} {i} ({ex['task']}): {e}") from e
+    special = {"vision_tower": stage.vision_tower_lr} if stage.vision_tower_lr is not None else None
+    groups = build_param_groups(model, stage.lr, stage.weight_decay, special)
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    ctx.log(f"stage {stage.name!r}: {n_train / 1e6:.2f}M trainable parameters, task shares "
+            + ", ".join(f"{k} {v:.2f}" for k, v in mixture.task_shares().items()))
+    trainer = StageTrainer(acc, model, stage, index, ctx.checkpoint_dir(stage), ctx.metrics, seed, groups,
+                           betas=tuple(stage.betas), on_save=ctx.plot,
+                           fingerprint=_config_fingerprint(config, processor.tokenizer),
+                           metric_keys=("loss", *TASK_IDS),
+                           # batches without images leave the vision tower and projector unused
+                           find_unused_parameters=config.can_understand_images)
+    if ctx.resume and trainer.resume_from_latest():
+        ctx.metrics.truncate_after(stage.name, trainer.start_step)
+        ctx.log(f"stage {stage.name!r}: resumed at step {trainer.start_step}")
+    options = dict(stage.loss)
+
+    def batch_fn(step: int, micro: int) -> dict:
+        examples = mixture.sample(stage.batch_size, index, step, micro, acc.process_index,
+                                  group_by_task=stage.group_by_task)
+        return collator(examples)
+
+    def loss_fn(model, batch, generator) -> dict:
+        return diffusion.compute_batch_loss(model, batch, task_weights=stage.task_weights, generator=generator,
+                                            **options)
+
+    eval_batches = [eval_examples[s:s + stage.batch_size] for s in range(0, len(eval_examples), stage.batch_size)]
+
+    def eval_fn(model) -> dict:
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        eval_options = {**options, "cfg_dropout": 0.0} if "cfg_dropout" in options else options
+        for j, chunk in enumerate(eval_batches):
+            batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in collator(chunk).items()}
+            gen = torch.Generator().manual_seed(step_seed(seed, index, 1 << 40, j))  # same noise at every eval
+            res = diffusion.compute_batch_loss(model, batch, task_weights=stage.task_weights, generator=gen,
+                                               **eval_options)
+            for k, v in res.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
+
+    if not trainer.fit(batch_fn, loss_fn, eval_fn if eval_batches else None, stop_after=ctx.stop_after):
+        raise StageStopped(stage.name)
+    state_dict = acc.get_state_dict(trainer.model)
+    final = acc.unwrap_model(trainer.model)
+    generation = _generation_config(final, ctx.recipe.model.generation or {})
+
+    def write(tmp: Path) -> None:
+        final.save_pretrained(str(tmp), state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        generation.save_pretrained(str(tmp))
+
+    ctx.finish(stage, out, write)
+    return out
+
+
+def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
+    """The model the first denoiser stage starts from: ``model.init_from``, or a fresh one built from the recipe
+    with this run's tokenizer and image tokenizer (from earlier stages, ``tokenizer.path``, or their folders)."""
+    m = ctx.recipe.model
+    if m.init_from is not None:
+        return _load_model(Path(m.init_from))
+    if tokenizer is None:
+        path = ctx.recipe.tokenizer.path or (ctx.output_dir / "tokenizer")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"no tokenizer: add a 'tokenizer' stage, set tokenizer.path, or keep {ctx.output_dir / 'tokenizer'}"
+            )
+        tokenizer = _load_tokenizer(path)
+    if vq is None and (m.image_tokenizer is not None or m.image_tokenizer_path is not None):
+        from ..vision.image_tokenizer import VQImageTokenizer
+
+        path = Path(m.image_tokenizer_path) if m.image_tokenizer_path else ctx.output_dir / "image_tokenizer"
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"no trained image tokenizer at {path}; add an 'image_tokenizer' stage or set "
+                "model.image_tokenizer_path to a folder written by one"
+            )
+        vq = VQImageTokenizer.from_pretrained(path)
+    return _fresh_model(ctx, tokenizer, vq, index)
