@@ -118,3 +118,24 @@ def test_preprocess_and_to_pil(vq):
     pils = vq.to_pil(x)
     assert [p.size for p in pils] == [(64, 64), (64, 64)] and pils[1].getpixel((5, 5)) == (255, 255, 255)
     assert vq.to_pil(x[0])[0].getpixel((32, 32))[0] > 250
+
+
+def test_ink_weight_upweights_non_white_pixels(tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(base_channels=8, embed_dim=4, codebook_size=16)
+    plain, inked = VQImageTokenizer(VQConfig(**cfg)), VQImageTokenizer(VQConfig(**cfg, ink_weight=10.0))
+    inked.load_state_dict(plain.state_dict())
+    plain.eval(), inked.eval()
+    white = torch.ones(1, 3, 64, 64)
+    dot = white.clone()
+    dot[:, :, 20:30, 20:30] = 0.0  # a black square: 100 "ink" pixels
+    with torch.no_grad():
+        # On a blank canvas there is no ink, so both losses agree; with ink the weighted loss is larger.
+        assert torch.allclose(plain(white)["recon_loss"], inked(white)["recon_loss"])
+        out = plain(dot)
+        ink = torch.zeros(1, 1, 64, 64)
+        ink[..., 20:30, 20:30] = 1.0
+        expected = ((out["recon"] - dot).pow(2) * (1.0 + 10.0 * ink)).mean()
+        assert torch.allclose(inked(dot)["recon_loss"], expected) and expected > out["recon_loss"]
+    inked.save_pretrained(tmp_path)
+    assert VQImageTokenizer.from_pretrained(tmp_path).config.ink_weight == 10.0
