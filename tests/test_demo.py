@@ -203,8 +203,8 @@ def test_launch_refuses_to_share(tiny_pipeline):
     assert isinstance(build_demo(tiny_pipeline), gr.Blocks)
 
 
-def test_shapes_tiny_demo_answers_the_examples(shapes_tiny_pipeline):
-    demo, client = serve(shapes_tiny_pipeline)
+def test_shapes_tiny_demo_answers_the_examples(shapes_tiny_reader):
+    demo, client = serve(shapes_tiny_reader)
     try:
         for ex in load_examples()["examples"]:
             answer, _, _ = client.predict(gradio_client.handle_file(ex["path"]), ex["question"], api_name="/ask")

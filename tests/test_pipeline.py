@@ -229,17 +229,17 @@ def _examples():
     return load_examples()["examples"]
 
 
-def test_shapes_tiny_answers_the_bundled_examples(shapes_tiny_pipeline):
+def test_shapes_tiny_answers_the_bundled_examples(shapes_tiny_reader):
     examples = _examples()
-    answers = shapes_tiny_pipeline.answer([e["path"] for e in examples], [e["question"] for e in examples])
+    answers = shapes_tiny_reader.answer([e["path"] for e in examples], [e["question"] for e in examples])
     assert answers == [e["answer"] for e in examples]
 
 
-def test_shapes_tiny_captions_the_bundled_examples(shapes_tiny_pipeline):
+def test_shapes_tiny_captions_the_bundled_examples(shapes_tiny_reader):
     from mmdlm.eval.checkers import score_caption
 
     examples = _examples()
-    captions = shapes_tiny_pipeline.caption([e["path"] for e in examples])
+    captions = shapes_tiny_reader.caption([e["path"] for e in examples])
     right = sum(score_caption(c, e["caption"])["exact_match"] for c, e in zip(captions, examples))
     assert right >= len(examples) - 1, list(zip(captions, [e["caption"] for e in examples]))
 
