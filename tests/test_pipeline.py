@@ -244,11 +244,22 @@ def test_shapes_tiny_captions_the_bundled_examples(shapes_tiny_reader):
     assert right >= len(examples) - 1, list(zip(captions, [e["caption"] for e in examples]))
 
 
-def test_shapes_tiny_draws_what_it_is_told(shapes_tiny_pipeline):
+def test_shapes_tiny_draws_what_it_is_told(shapes_tiny_scene_drawer):
     from mmdlm.demo.app import load_examples
     from mmdlm.eval.checkers import score_drawn_scene
 
     prompts = load_examples()["draw_prompts"]
-    images = shapes_tiny_pipeline.generate_image(prompts, seed=0)
+    images = shapes_tiny_scene_drawer.generate_image(prompts, seed=0)
     scores = [score_drawn_scene(im, p) for im, p in zip(images, prompts)]
     assert all(s["count"] and s["color"] == 1.0 for s in scores), scores
+
+
+def test_shapes_tiny_draws_digits_a_classifier_recognises(shapes_tiny_pipeline):
+    """The bundled model's drawn digits are judged by a classifier trained on real scans only (not the generator)."""
+    from mmdlm.data.digits import digit_caption
+    from mmdlm.eval.checkers import DigitClassifier
+
+    labels = list(range(10))
+    images = shapes_tiny_pipeline.generate_image([digit_caption(d) for d in labels], seed=0)
+    assert all(im.size == (64, 64) for im in images)
+    assert DigitClassifier().fit().score(images, labels) >= 0.8

@@ -90,5 +90,5 @@ def test_bundled_recipes_load(name):
     if name == "shapes-tiny":
         m = r.model
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
-        assert m.vision_tower["patch_size"] == 8 and m.image_tokenizer["codebook_size"] == 256
+        assert m.vision_tower["patch_size"] == 8 and m.image_tokenizer["codebook_size"] == 512
         assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "denoiser"]
