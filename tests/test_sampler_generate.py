@@ -7,7 +7,7 @@ import torch
 
 import mmdlm.sampling as sampling
 from mmdlm import MMDLMConfig, MMDLMForConditionalGeneration
-from mmdlm.generation_config import MMDLMGenerationConfig, MMDLMGenerationMixin, load_generation_config
+from mmdlm.generation_config import MMDLMGenerationConfig, load_generation_config
 from mmdlm.sampling.llada import generate as llada_generate
 
 MASK = 63
@@ -18,7 +18,7 @@ def config():
                        eos_token_id=2, bos_token_id=1, max_position_embeddings=128)
 
 
-GenModel = MMDLMForConditionalGeneration  # carries MMDLMGenerationMixin first in its bases
+GenModel = MMDLMForConditionalGeneration  # its bases start with the generation mixin
 
 
 @pytest.fixture(scope="module")
