@@ -104,6 +104,23 @@ def test_final_folder_is_a_complete_model(straight):
     assert latest_checkpoint(straight.parent / "checkpoints" / "model") is None  # superseded by the final model
 
 
+def test_vq_tower_takes_the_trained_image_tokenizer(base, tmp_path):
+    """A 'vq' tower is filled in from the run's image tokenizer, copies its encoder and codebook, and keeps them
+    frozen while the denoiser trains."""
+    from mmdlm import MMDLMForConditionalGeneration
+
+    d = recipe_dict(steps=2)
+    d["model"]["vision_tower"] = {"kind": "vq", "width": 16, "pool": 2}
+    final = run(base, tmp_path / "vq", d)
+    model = MMDLMForConditionalGeneration.from_pretrained(str(final))
+    assert model.config.vision_config["vq"]["codebook_size"] == model.config.codebook_size
+    tower = model.model.vision_tower.vision_tower
+    vq = load_file(str(base / "image_tokenizer" / "model.safetensors"))
+    assert torch.equal(tower.codebook, vq["embedding"])
+    assert all(torch.equal(v, vq[f"encoder.{k}"]) for k, v in tower.encoder.state_dict().items())
+    assert model.model.vision_tower.num_patches == 4  # 4x4 codes of a 64 px image, pooled 2x2
+
+
 def test_training_reduces_the_loss(base, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("a large red circle at the center.\na small blue square at the top left.\n")

@@ -167,6 +167,38 @@ def test_bad_configs_raise_clear_errors(x):
         create_vision_tower(VIT)(torch.randn(1, 3, 64, 64))
 
 
+def test_vq_tower_reads_the_image_tokenizer_codes():
+    from mmdlm.vision.image_tokenizer import VQConfig, VQImageTokenizer
+
+    vq_config = dict(image_size=32, base_channels=8, channel_mult=[1, 2], embed_dim=4, codebook_size=16)
+    vq = VQImageTokenizer(VQConfig(**vq_config))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        vq.embedding.normal_()  # a codebook whose codes differ, as after training
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tower = create_vision_tower({"kind": "vq", "vq": vq_config, "width": 24, "pool": 2})
+    assert (tower.num_patches, tower.hidden_size, tower.image_size) == (16, 24, 32)  # 8x8 codes, pooled 2x2
+    tower.load_image_tokenizer(vq)
+    normalised = (pixels - 0.5) / 0.5  # what MMDLMImageProcessor gives with the tower's mean/std
+    assert torch.equal(tower.vision_tower.codes(normalised), vq.encode(pixels))
+    feats = tower(normalised)
+    codes = vq.encode(pixels)
+    expected = tower.vision_tower.code_embed(codes).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.avg_pool2d(expected, 2).flatten(2).transpose(1, 2) + tower.vision_tower.pos_embed
+    assert feats.shape == (3, 16, 24) and torch.allclose(feats, expected)
+    # Only the code embeddings learn; the encoder copy is frozen (the image tokenizer's stage trains it).
+    feats.sum().backward()
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable == {"vision_tower.code_embed.weight", "vision_tower.pos_embed"}
+    assert tower.vision_tower.code_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs 'vq'"):
+        create_vision_tower({"kind": "vq"})
+    with pytest.raises(ValueError, match="pool=3"):
+        create_vision_tower({"kind": "vq", "vq": vq_config, "pool": 3})
+    with pytest.raises(ValueError, match="only a 'vq' vision tower"):
+        create_vision_tower(VIT).load_image_tokenizer(vq)
+
+
 def test_projector_names_and_shapes():
     lin = build_projector("linear", 24, 40)
     assert isinstance(lin, torch.nn.Linear) and lin.weight.shape == (40, 24)

@@ -37,9 +37,17 @@ def _fresh_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
                                         "intermediate_size", "head_dim", "max_position_embeddings", "rope_theta",
                                         "tie_word_embeddings", "is_causal", "initializer_range")}
     fields = config_token_fields(tokenizer, codebook_size=vq.codebook_size if vq is not None else 0)
+    vision_config = m.vision_tower
+    reads_codes = bool(vision_config) and vision_config.get("kind") == "vq"
+    if reads_codes:
+        if vq is None:
+            raise ValueError("model.vision_tower: kind 'vq' reads images through the image tokenizer's codes; add "
+                             "model.image_tokenizer (and its stage)")
+        vision_config = {**vision_config, "vq": {**dataclasses.asdict(vq.config),
+                                                 "channel_mult": list(vq.config.channel_mult)}}
     try:
         config = MMDLMConfig(
-            **sizes, **fields, vision_config=m.vision_tower, mm_projector_type=m.mm_projector_type,
+            **sizes, **fields, vision_config=vision_config, mm_projector_type=m.mm_projector_type,
             use_image_newline=m.use_image_newline,
             image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
                                     if vq is not None else None),
@@ -50,6 +58,8 @@ def _fresh_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
         raise ValueError(f"model: cannot build the model from the recipe: {e}") from e
     if vq is not None:
         model.image_tokenizer.load_state_dict(vq.state_dict())
+    if reads_codes:
+        model.model.vision_tower.load_image_tokenizer(vq)
     image_processor = MMDLMImageProcessor(**m.image_processor) if m.image_processor else None
     processor = MMDLMProcessor.from_config(config, tokenizer, image_processor=image_processor)
     return model, processor
@@ -74,7 +84,8 @@ def _apply_freeze(model: torch.nn.Module, stage: DenoiserStage, path: str) -> No
                 "(prefixes such as 'vision_tower', 'mm_projector', 'model.layers', 'model.embed_tokens', 'lm_head')"
             )
     for name, p in model.named_parameters():
-        trainable = not name.startswith("image_tokenizer.")  # the VQ is trained by its own stage only
+        # The VQ (and a 'vq' tower's copy of its encoder) is trained by its own stage only.
+        trainable = not name.startswith("image_tokenizer.") and not getattr(p, "_mmdlm_frozen", False)
         if stage.projector_only:
             trainable = name_matches(name, "mm_projector") or name_matches(name, "image_newline")
         if any(name_matches(name, f) for f in stage.freeze):
@@ -160,6 +171,10 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         return out
     ctx.check_fresh(stage)
     acc, seed, path = ctx.accelerator, ctx.recipe.seed, f"stages[{index}]"
+    try:
+        mixture = mixture.restricted(stage.tasks)
+    except ValueError as e:
+        raise ValueError(f"{path}.tasks: {e}") from None
     model, processor = start()
     config = model.config
     everything = list(mixture.examples) + list(eval_examples)

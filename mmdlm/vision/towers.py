@@ -1,4 +1,5 @@
-"""Vision towers behind one factory: a from-scratch timm ViT, any timm model, any open_clip model, HF SigLIP.
+"""Vision towers behind one factory: a from-scratch timm ViT, any timm model, any open_clip model, HF SigLIP, and
+``vq``: the discrete codes of the model's own VQ image tokenizer, embedded and pooled (MMaDA reads images as codes).
 
 Every tower maps [B, 3, H, W] pixels to [B, num_patches, hidden_size] features taken from one hidden state
 (LLaVA's ``mm_vision_select_layer`` / ``mm_vision_select_feature``). Nothing ever downloads: weights come only
@@ -14,15 +15,19 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-KINDS = ("vit", "timm", "open_clip", "siglip")
+KINDS = ("vit", "timm", "open_clip", "siglip", "vq")
 _COMMON_KEYS = {"kind", "select_layer", "select_feature", "checkpoint_path", "prune_layers", "image_mean", "image_std"}
 _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_ratio=4.0, class_token=False),
     "timm": dict(model_name=None, image_size=None, model_kwargs={}),
     "open_clip": dict(model_name=None, image_size=None, model_kwargs={}),
     "siglip": dict(siglip_config=None),
+    # vq: the VQ tokenizer's config (filled in from the model's image tokenizer by the training recipe), the width
+    # of the learned code embeddings, and the average-pooling factor over the code grid (2: 16x16 codes -> 64 slots).
+    "vq": dict(vq=None, width=128, pool=2),
 }
 _COMMON_DEFAULTS = dict(select_layer=-2, select_feature="patch", checkpoint_path=None, prune_layers=True,
                         image_mean=None, image_std=None)
@@ -65,6 +70,15 @@ def _normalise_config(config: dict) -> dict:
     for key in ("image_mean", "image_std"):
         if cfg[key] is not None and len(cfg[key]) != 3:
             raise ValueError(f"{key} must have 3 values, got {cfg[key]!r}")
+    if kind == "vq":
+        if not isinstance(cfg["vq"], dict):
+            raise ValueError("vision tower kind 'vq' needs 'vq': the image tokenizer's config dict (a training recipe "
+                             "fills it in from model.image_tokenizer)")
+        for key in ("width", "pool"):
+            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+                raise ValueError(f"vision tower kind 'vq': {key} must be a positive int, got {cfg[key]!r}")
+        if cfg["checkpoint_path"] is not None:
+            raise ValueError("vision tower kind 'vq' takes its encoder from the image tokenizer, not a checkpoint_path")
     if cfg["checkpoint_path"] is not None:
         cfg["checkpoint_path"] = os.fspath(cfg["checkpoint_path"])
     try:
@@ -131,6 +145,53 @@ class _SiglipTrunk(nn.Module):
         self.vision_model = SiglipVisionModel(SiglipVisionConfig(**siglip_config))
 
 
+class _VQCodeTrunk(nn.Module):
+    """A frozen copy of a VQ image tokenizer's encoder and codebook, then learned code embeddings pooled over the
+    code grid. The codes are the ones the model draws with, so a tiny model trained from scratch reads images
+    through features it already knows how to tell apart (a from-scratch ViT's features are nearly identical for
+    different Shapes scenes at first, and the denoiser never learns to look at them)."""
+
+    def __init__(self, vq: dict, width: int, pool: int):
+        super().__init__()
+        from .image_tokenizer import Encoder, VQConfig
+
+        c = VQConfig(**vq)
+        side = c.image_size // 2 ** len(c.channel_mult)
+        if side % pool:
+            raise ValueError(f"vision tower kind 'vq': pool={pool} must divide the {side}x{side} code grid")
+        self.encoder = Encoder(c).requires_grad_(False)
+        for p in self.encoder.parameters():
+            p._mmdlm_frozen = True  # never trained here: the encoder belongs to the image tokenizer's stage
+        self.register_buffer("codebook", torch.zeros(c.codebook_size, c.embed_dim))
+        self.code_embed = nn.Embedding(c.codebook_size, width)
+        # A learned embedding per pooled slot, as a ViT's pos_embed: a slot's grid cell is then in its features,
+        # not only in its sequence position (whose offset to the answer varies with the prompt).
+        self.pos_embed = nn.Parameter(torch.randn(1, (side // pool) ** 2, width) * 0.02)
+        self.pool, self.side, self.image_size = pool, side, c.image_size
+
+    @torch.no_grad()
+    def load_image_tokenizer(self, image_tokenizer: nn.Module) -> None:
+        """Copy the trained encoder and codebook of a :class:`~mmdlm.vision.image_tokenizer.VQImageTokenizer`."""
+        self.encoder.load_state_dict(image_tokenizer.encoder.state_dict())
+        self.codebook.copy_(image_tokenizer.embedding)
+
+    @torch.no_grad()
+    def codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] pixels normalised to [-1, 1] -> codes [B, h, w] (as the image tokenizer encodes them)."""
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            z = self.encoder(pixel_values.to(self.codebook.dtype))
+            b, d, h, w = z.shape
+            flat, e = z.permute(0, 2, 3, 1).reshape(-1, d).float(), self.codebook.float()
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        return dist.argmin(1).view(b, h, w)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.code_embed(self.codes(pixel_values)).permute(0, 3, 1, 2)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        return x.flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+
+
 class VisionTower(nn.Module):
     """A vision encoder that returns one selected hidden state as [B, num_patches, hidden_size] features."""
 
@@ -139,7 +200,7 @@ class VisionTower(nn.Module):
         self.config = _normalise_config(config)
         cfg, kind = self.config, self.config["kind"]
         builder = {"vit": self._build_vit, "timm": self._build_timm, "open_clip": self._build_open_clip,
-                   "siglip": self._build_siglip}[kind]
+                   "siglip": self._build_siglip, "vq": self._build_vq}[kind]
         self._trunk_attr: str | None = None  # "trunk" when open_clip wraps a timm model
         target, full_keys = builder(cfg)  # target: the module a checkpoint file describes
         if cfg["checkpoint_path"] is not None:
@@ -282,6 +343,18 @@ class VisionTower(nn.Module):
         self._std = tuple(cfg["image_std"] or (0.5, 0.5, 0.5))
         return vm, full
 
+    def _build_vq(self, cfg: dict) -> tuple[nn.Module, set[str]]:
+        self.vision_tower = _VQCodeTrunk(cfg["vq"], cfg["width"], cfg["pool"])
+        self._backend = "vq"
+        self._prefix = 0
+        self._image_size = self.vision_tower.image_size
+        self._hidden_size = cfg["width"]
+        self._num_patches = (self.vision_tower.side // cfg["pool"]) ** 2
+        # The VQ encoder takes pixels in [-1, 1].
+        self._mean = tuple(cfg["image_mean"] or (0.5, 0.5, 0.5))
+        self._std = tuple(cfg["image_std"] or (0.5, 0.5, 0.5))
+        return self.vision_tower, set(self.vision_tower.state_dict())
+
     @torch.no_grad()
     def _probe(self) -> None:
         was_training = self.training
@@ -293,6 +366,8 @@ class VisionTower(nn.Module):
     # ---------------------------------------------------------------------------------------------------- forward
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         b = self._backend
+        if b == "vq":
+            return self.vision_tower(x)
         m = getattr(self.vision_tower, self._trunk_attr) if self._trunk_attr else self.vision_tower
         if b == "timm_vit":
             x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
@@ -331,6 +406,12 @@ class VisionTower(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.vision_tower.parameters()).dtype
+
+    def load_image_tokenizer(self, image_tokenizer: nn.Module) -> None:
+        """Kind ``vq`` only: take the encoder and codebook of the model's trained image tokenizer."""
+        if self._backend != "vq":
+            raise ValueError(f"only a 'vq' vision tower reads an image tokenizer; this one is {self.config['kind']!r}")
+        self.vision_tower.load_image_tokenizer(image_tokenizer)
 
     @property
     def hidden_size(self) -> int:
