@@ -166,3 +166,16 @@ def test_malformed_examples_are_rejected_with_their_location():
         check_example(dict(good, messages=good["messages"][:1]), "x")
     with pytest.raises(ValueError, match="'task'"):
         check_example({"task": "video"}, "x")
+
+
+def test_a_stage_can_train_on_some_tasks_only():
+    from mmdlm.training.mixture import LoadedSource, Mixture
+
+    rows = [{"task": "understanding", "i": i} for i in range(3)] + [{"task": "t2i", "i": i} for i in range(3)]
+    mixture = Mixture([LoadedSource("a", rows, 1.0)], seed=0)
+    reading = mixture.restricted(["understanding"])
+    assert mixture.restricted(None) is mixture and reading.task_shares() == {"understanding": 1.0}
+    assert {ex["task"] for step in range(20) for ex in reading.sample(8, 0, step)} == {"understanding"}
+    assert {ex["task"] for step in range(20) for ex in mixture.sample(8, 0, step)} == {"understanding", "t2i"}
+    with pytest.raises(ValueError, match="select no data"):
+        mixture.restricted(["text"])

@@ -66,6 +66,9 @@ def test_tagged_unions_and_value_checks():
     assert "order" in _error(_base(stages=[{"type": "denoiser"}, {"type": "tokenizer"}]))
     assert "twice" in _error(_base(stages=[{"type": "denoiser", "name": "a"}, {"type": "denoiser", "name": "a"}]))
     assert _error(_base(stages=[])).startswith("stages: empty")
+    assert _error(_base(stages=[{"type": "denoiser", "tasks": ["reading"]}])).startswith(
+        "stages[0].tasks[0]: unknown task 'reading'")
+    assert _error(_base(stages=[{"type": "denoiser", "tasks": []}])).startswith("stages[0].tasks: empty")
     assert "image_tokenizer" in _error(_base(stages=[{"type": "image_tokenizer"}]))  # needs model.image_tokenizer
     msg = _error(_base(model={"image_tokenizer": {"image_size": 30}}, stages=[{"type": "image_tokenizer"}]))
     assert msg.startswith("model.image_tokenizer:") and "divisible" in msg
@@ -81,7 +84,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin"])
+@pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
+                                  "experiments/shapes-tiny-vq"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     assert r.stages[-1].type == "denoiser"

@@ -3,10 +3,11 @@ batches deterministically from (seed, stage, step, micro-step, rank) so a resume
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -177,6 +178,19 @@ class Mixture:
         for (task, _), w in zip(self.buckets, self.weights):
             shares[task] = shares.get(task, 0.0) + float(w)
         return shares
+
+    def restricted(self, tasks: Optional[Sequence[str]]) -> "Mixture":
+        """The same sources and seed with only the buckets of ``tasks`` (``None``: this mixture itself)."""
+        if tasks is None:
+            return self
+        keep = [i for i, (task, _) in enumerate(self.buckets) if task in tasks]
+        if not keep:
+            present = sorted({task for task, _ in self.buckets})
+            raise ValueError(f"the stage's tasks {list(tasks)} select no data; the mixture holds {present}")
+        out = copy.copy(self)
+        out.buckets = [self.buckets[i] for i in keep]
+        out.weights = self.weights[keep] / self.weights[keep].sum()
+        return out
 
     def sample(self, batch_size: int, *keys: int, group_by_task: bool = False) -> list[dict]:
         """Draw ``batch_size`` examples from a generator seeded by (seed, *keys) — pass (stage, step, micro, rank).

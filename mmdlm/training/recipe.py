@@ -189,7 +189,8 @@ class DenoiserStage:
     its own learning rate (LLaDA-V: 2e-6 vs 1e-5). ``loss`` holds extra keyword options for
     ``mmdlm.diffusion.compute_batch_loss``. ``bf16`` autocasts on GPUs that support it (CPU runs stay fp32).
     ``group_by_task`` draws each micro-batch from one task, which avoids padding short understanding rows to
-    the length of t2i rows (cheaper on CPU)."""
+    the length of t2i rows (cheaper on CPU). ``tasks`` restricts the stage to some of the mixture's tasks
+    (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them."""
 
     type: Literal["denoiser"] = "denoiser"
     name: Optional[str] = None
@@ -211,6 +212,7 @@ class DenoiserStage:
     max_length: int = 512
     min_answer_length: int = 0
     group_by_task: bool = False
+    tasks: Optional[list[str]] = None
     bf16: bool = True
     bf16_cpu: bool = False
     log_every: int = 10
@@ -267,6 +269,12 @@ def _check_stage(stage: Any, path: str) -> None:
             if task not in TASKS:
                 raise RecipeError(f"{path}.task_weights.{task}: unknown task; use any of {list(TASKS)}")
             _positive(w, f"{path}.task_weights.{task}", allow_zero=True)
+        if stage.tasks is not None:
+            if not stage.tasks:
+                raise RecipeError(f"{path}.tasks: empty; list some of {list(TASKS)} or drop the key to train on all")
+            for i, task in enumerate(stage.tasks):
+                if task not in TASKS:
+                    raise RecipeError(f"{path}.tasks[{i}]: unknown task {task!r}; use any of {list(TASKS)}")
         for i, name in enumerate(stage.freeze):
             if not name.strip():
                 raise RecipeError(f"{path}.freeze[{i}]: empty parameter prefix")
