@@ -124,6 +124,14 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row for each row of ``flat`` [N, D], with distances in fp32 even when the
+    module was cast to half precision."""
+    flat, e = flat.float(), codebook.float()
+    dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+    return dist.argmin(1)
+
+
 class VQImageTokenizer(nn.Module):
     """Images in [0, 1] <-> LongTensor code grids [B, h, w] with values in [0, codebook_size)."""
 
@@ -167,9 +175,7 @@ class VQImageTokenizer(nn.Module):
                              "(use VQImageTokenizer.preprocess)")
 
     def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        e = self.embedding.float()  # distances in fp32 even when the module was cast to half precision
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
-        return dist.argmin(1)
+        return nearest_codes(flat, self.embedding)
 
     @torch.no_grad()
     def _init_codebook(self, flat: torch.Tensor) -> None:

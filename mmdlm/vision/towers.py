@@ -178,12 +178,12 @@ class _VQCodeTrunk(nn.Module):
     @torch.no_grad()
     def codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] pixels normalised to [-1, 1] -> codes [B, h, w] (as the image tokenizer encodes them)."""
+        from .image_tokenizer import nearest_codes
+
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
             z = self.encoder(pixel_values.to(self.codebook.dtype))
             b, d, h, w = z.shape
-            flat, e = z.permute(0, 2, 3, 1).reshape(-1, d).float(), self.codebook.float()
-            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
-        return dist.argmin(1).view(b, h, w)
+            return nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, d), self.codebook).view(b, h, w)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.code_embed(self.codes(pixel_values)).permute(0, 3, 1, 2)
