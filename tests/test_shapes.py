@@ -219,6 +219,26 @@ def test_shapes_examples_format():
         shapes_examples("test", 3, tasks=("captions",))
 
 
+def test_shapes_chat_examples_ask_everything_about_one_image():
+    world = ShapesWorld("test", 6, seed=2)
+    chats = shapes_examples("test", 6, seed=2, tasks=("chat",))
+    assert len(chats) == 6
+    orders = set()
+    for sample, chat in zip(world, chats):
+        assert chat["task"] == "understanding" and chat["qtype"] == "chat" and chat["images"] == [sample.image]
+        msgs = chat["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(sample.qas) + 1)
+        # LLaVA layout: the image in the first user turn only.
+        assert msgs[0]["content"].startswith("<image>\n")
+        assert sum(m["content"].count("<image>") for m in msgs) == 1
+        pairs = [(u["content"].removeprefix("<image>\n"), a["content"]) for u, a in zip(msgs[::2], msgs[1::2])]
+        expected = [(CAPTION_PROMPT, sample.caption)] + [(qa.question, qa.answer) for qa in sample.qas]
+        assert sorted(pairs) == sorted(expected)
+        orders.add(tuple(q for q, _ in pairs).index(CAPTION_PROMPT))
+    assert len(orders) > 1  # the turn order is shuffled, so the caption is not always first
+    assert [c["messages"] for c in shapes_examples("test", 6, seed=2, tasks=("chat",))] == [c["messages"] for c in chats]
+
+
 def test_make_questions_deterministic_given_rng():
     scene = sample_scene(random.Random(3), "train")
     q1 = make_questions(scene, random.Random(9))

@@ -283,7 +283,7 @@ class ShapesWorld:
         return f"ShapesWorld(split={self.split!r}, size={self.size}, seed={self.seed})"
 
 
-SHAPES_TASKS = ("caption", "vqa", "t2i")
+SHAPES_TASKS = ("caption", "vqa", "t2i", "chat")
 
 
 def understanding_example(image: Image.Image, question: str, answer: str, qtype: str) -> dict:
@@ -299,14 +299,29 @@ def understanding_example(image: Image.Image, question: str, answer: str, qtype:
     }
 
 
-def shapes_examples(split: str, n: int, seed: int = 0, tasks: Sequence[str] = SHAPES_TASKS) -> list[dict]:
+def chat_example(image: Image.Image, qas: Sequence[QA], rng: random.Random) -> dict:
+    """One multi-turn conversation about one image (LLaVA-style: the image in the first user turn), asking every
+    question of `qas` in a random order. One image encoding then supervises all of its answers at once."""
+    qas = list(qas)
+    rng.shuffle(qas)
+    messages = []
+    for k, qa in enumerate(qas):
+        messages.append({"role": "user", "content": ("<image>\n" if k == 0 else "") + qa.question})
+        messages.append({"role": "assistant", "content": qa.answer})
+    return {"task": "understanding", "images": [image], "messages": messages, "qtype": "chat"}
+
+
+def shapes_examples(
+    split: str, n: int, seed: int = 0, tasks: Sequence[str] = ("caption", "vqa", "t2i")
+) -> list[dict]:
     """Training examples from the first `n` scenes of a split: per scene one caption example, one VQA example per
-    question from `make_questions`, and one t2i example whose prompt is the caption (as `tasks` selects)."""
+    question from `make_questions`, one t2i example whose prompt is the caption, and one "chat" example that asks
+    the caption and every question in one multi-turn conversation (as `tasks` selects)."""
     unknown = set(tasks) - set(SHAPES_TASKS)
     if unknown:
         raise ValueError(f"unknown Shapes tasks {sorted(unknown)}; use any of {SHAPES_TASKS}")
     examples = []
-    for sample in ShapesWorld(split, n, seed):
+    for index, sample in enumerate(ShapesWorld(split, n, seed)):
         if "caption" in tasks:
             examples.append(understanding_example(sample.image, CAPTION_PROMPT, sample.caption, "caption"))
         if "vqa" in tasks:
@@ -314,4 +329,7 @@ def shapes_examples(split: str, n: int, seed: int = 0, tasks: Sequence[str] = SH
                 examples.append(understanding_example(sample.image, qa.question, qa.answer, qa.qtype))
         if "t2i" in tasks:
             examples.append({"task": "t2i", "prompt": sample.caption, "image": sample.image})
+        if "chat" in tasks:
+            turns = [QA(CAPTION_PROMPT, sample.caption, "caption"), *sample.qas]
+            examples.append(chat_example(sample.image, turns, random.Random(scene_seed(seed, split + "/chat", index))))
     return examples
