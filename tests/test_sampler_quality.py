@@ -29,3 +29,20 @@ def test_unknown_setting_is_refused(tiny_pipeline):
     with pytest.raises(ValueError, match="unknown sampler settings"):
         run_sampler_quality(tiny_pipeline, n=1, settings=["warp-speed"])
     assert "llada" in SETTINGS
+
+
+def test_ar_twin_runs_on_the_same_items_as_one_more_row(tiny_pipeline, tiny_model_dir):
+    from mmdlm.pipeline import MMDLMPipeline
+
+    ar = MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu")
+    ar.model.config.is_causal = True  # the forward reads the flag: same weights, causal mask
+    result = run_sampler_quality(tiny_pipeline, n=2, batch_size=4, settings=["llada"], gen_length=8, ar_pipe=ar)
+    s = result["settings"]
+    assert list(s) == ["llada", "ar-twin"]
+    twin = s["ar-twin"]
+    assert set(twin["accuracy"]) == {"vqa", "caption", "digit"} and twin["seconds"] > 0
+    # greedy decoding: one forward per new token, at most gen_length of them, so at most 1 token per row-forward
+    assert 1 <= twin["nfe_per_batch"] <= 8 and twin["tokens_per_forward"] <= 1.0 + 1e-9
+    assert "ar-twin" in format_quality_table(result)
+    with pytest.raises(ValueError, match="causal"):
+        run_sampler_quality(tiny_pipeline, n=1, settings=["llada"], gen_length=8, ar_pipe=tiny_pipeline)

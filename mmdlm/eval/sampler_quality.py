@@ -1,6 +1,7 @@
 """Sampler speed *and* quality on a trained model's real tasks (Shapes VQA and captions, digit recognition):
 each sampler setting runs in alternation on the same batches; reports accuracy, tokens/s, forward passes,
-tokens per forward, speed-up over the reference sampler and exact agreement with the reference's answers."""
+tokens per forward, speed-up over the reference sampler and exact agreement with the reference's answers.
+An autoregressive twin (``configs/ar-twin.yaml``), when given, runs on the same batches as one more row."""
 
 from __future__ import annotations
 
@@ -50,10 +51,25 @@ def _correct(task: str, answer: str, reference: Any) -> bool:
     return answer.strip().rstrip(".").lower() == str(reference).lower()
 
 
+AR_TWIN = "ar-twin"
+
+
+def _chat_inputs(proc, chunk: Sequence[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    messages = [[{"role": "user", "content": [{"type": "image", "image": it["image"]},
+                                              {"type": "text", "text": it["question"]}]}] for it in chunk]
+    inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    return inputs["input_ids"].to(device), inputs["attention_mask"].to(device), inputs["pixel_values"].to(device)
+
+
 def run_sampler_quality(pipe, *, n: int = 100, batch_size: int = 16, settings: Sequence[str] | None = None,
-                        gen_length: int | None = None) -> dict[str, Any]:
-    """Run every setting on the same batches in alternation; returns per-setting totals and per-task accuracy."""
+                        gen_length: int | None = None, ar_pipe=None) -> dict[str, Any]:
+    """Run every setting on the same batches in alternation; returns per-setting totals and per-task accuracy.
+
+    ``ar_pipe`` (optional) is a pipeline around a causal model (``config.is_causal``), e.g. the AR twin; it decodes
+    greedily with its KV cache on the same items, after the diffusion settings of each batch, as row "ar-twin"."""
     from ..sampling import generate
+    from ..sampling.autoregressive import generate_autoregressive
     from ..sampling.fast import stop_token_ids
 
     names = list(settings or SETTINGS)
@@ -66,25 +82,31 @@ def run_sampler_quality(pipe, *, n: int = 100, batch_size: int = 16, settings: S
     stops = set(stop_token_ids(model))
     gen = gen_length or int(pipe.generation_config.gen_length)
     items = build_tasks(n)
-    stats = {s: {"seconds": 0.0, "nfe": 0, "tokens": 0, "rows": 0, "agree": 0, "correct": {}, "count": {}} for s in names}
+    if ar_pipe is not None and not getattr(ar_pipe.model.config, "is_causal", False):
+        raise ValueError("ar_pipe must hold a causal model (config.is_causal=True), e.g. one trained by "
+                         "configs/ar-twin.yaml; got a bidirectional one.")
+    rows_of = names + ([AR_TWIN] if ar_pipe is not None else [])
+    stats = {s: {"seconds": 0.0, "nfe": 0, "tokens": 0, "rows": 0, "agree": 0, "correct": {}, "count": {}}
+             for s in rows_of}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        messages = [[{"role": "user", "content": [{"type": "image", "image": it["image"]},
-                                                  {"type": "text", "text": it["question"]}]}] for it in chunk]
-        inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                          return_tensors="pt")
-        ids = inputs["input_ids"].to(pipe.device)
-        am = inputs["attention_mask"].to(pipe.device)
-        pixels = inputs["pixel_values"].to(pipe.device)
+        ids, am, pixels = _chat_inputs(proc, chunk, pipe.device)
         P = ids.shape[1]
         reference = None
-        for name in names:  # alternation: every setting once per batch, same inputs
+        for name in rows_of:  # alternation: every setting once per batch, same inputs
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = generate(model, ids, am, pixel_values=pixels, gen_length=gen, block_length=gen, steps=gen,
-                               **SETTINGS[name])
+                if name == AR_TWIN:
+                    ids, am, pixels = _chat_inputs(ar_pipe.processor, chunk, ar_pipe.device)
+                    P = ids.shape[1]
+                    out = generate_autoregressive(ar_pipe.model, ids, am, max_new_tokens=gen, return_dict=True,
+                                                  image_features=ar_pipe.model.image_features(pixels))
+                else:
+                    out = generate(model, ids, am, pixel_values=pixels, gen_length=gen, block_length=gen, steps=gen,
+                                   **SETTINGS[name])
             seconds = time.perf_counter() - t0
-            answers = proc.batch_decode_answers(out.sequences, [P] * len(chunk))
+            answers = (ar_pipe.processor if name == AR_TWIN else proc).batch_decode_answers(out.sequences,
+                                                                                             [P] * len(chunk))
             st = stats[name]
             st["seconds"] += seconds
             st["nfe"] += int(out.nfe or 0)
@@ -101,7 +123,7 @@ def run_sampler_quality(pipe, *, n: int = 100, batch_size: int = 16, settings: S
     results = {}
     for name, st in stats.items():
         results[name] = {
-            "options": SETTINGS[name],
+            "options": SETTINGS.get(name, {"decoding": "greedy autoregressive, KV cache"}),
             "accuracy": {t: st["correct"][t] / st["count"][t] for t in sorted(st["count"])},
             "tokens_per_s": st["tokens"] / st["seconds"],
             "nfe_per_batch": st["nfe"] / -(-len(items) // batch_size),
@@ -133,13 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="Shapes test scenes (one VQA + one caption each) and digits")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--settings", default=None, help=f"comma list from {list(SETTINGS)} (default: all)")
+    p.add_argument("--ar-model", default=None,
+                   help="folder of a trained AR twin (configs/ar-twin.yaml) to run on the same items as one more row")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for sampler-quality.json and sampler-quality.md")
     args = p.parse_args(argv)
     from .. import load
 
     pipe = load(args.model, device=args.device)
-    result = run_sampler_quality(pipe, n=args.n, batch_size=args.batch_size,
+    ar_pipe = load(args.ar_model, device=args.device) if args.ar_model else None
+    result = run_sampler_quality(pipe, n=args.n, batch_size=args.batch_size, ar_pipe=ar_pipe,
                                  settings=args.settings.split(",") if args.settings else None)
     table = format_quality_table(result)
     print(table)
