@@ -12,6 +12,7 @@ forward pass with the whole answer masked.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -20,13 +21,13 @@ from PIL import Image
 
 from mmdlm import diffusion
 from mmdlm.configuration_mmdlm import MMDLMConfig
-from mmdlm.data.shapes import COLORS, shapes_examples, understanding_example
+from mmdlm.data.shapes import COLORS, ShapesWorld, shapes_examples, understanding_example
 from mmdlm.modeling_mmdlm import MMDLMForConditionalGeneration
 from mmdlm.model_files import resolve_model_path
 from mmdlm.processing import MMDLMProcessor
 from mmdlm.training.collators import MultiTaskCollator
 
-QTYPES = ("solid", "color", "shape", "count", "exist", "position", "size")
+QTYPES = ("solid", "color", "shape", "count", "exist", "position", "size", "color1")
 
 
 def _solid(i: int) -> dict:
@@ -37,6 +38,11 @@ def _solid(i: int) -> dict:
 def _examples(qtype: str, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
     if qtype == "solid":
         return [_solid(i) for i in range(n_train)], [_solid(i) for i in range(n_test)]
+    if qtype == "color1":  # colour questions about one-object scenes only: no binding, the only object answers
+        def one_object(split: str, n: int) -> list[dict]:
+            return [understanding_example(s.image, qa.question, qa.answer, "color1") for s in ShapesWorld(split, n)
+                    if len(s.scene.shapes) == 1 for qa in s.qas if qa.qtype == "color"]
+        return one_object("train", 3 * n_train), one_object("test", 12 * n_test)[:n_test]
     train = [e for e in shapes_examples("train", n_train, tasks=("vqa",)) if e["qtype"] == qtype]
     test = [e for e in shapes_examples("test", 4 * n_test, tasks=("vqa",)) if e["qtype"] == qtype][:n_test]
     return train, test
@@ -61,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="shapes-tiny", help="model folder (or bundled name) whose config is copied")
     p.add_argument("--qtype", choices=QTYPES, default="color")
     p.add_argument("--layers", type=int, default=2, help="denoiser layers of the fresh model (default 2)")
+    p.add_argument("--vision-tower", default=None, metavar="JSON",
+                   help="another vision tower config, e.g. a linear patch embedding only (Fuyu-style): "
+                        "'{\"kind\": \"vit\", \"patch_size\": 8, \"depth\": 1, \"select_layer\": 0}'")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -74,7 +83,10 @@ def main(argv=None) -> int:
     config = MMDLMConfig.from_pretrained(path)
     config.num_hidden_layers = args.layers
     processor = MMDLMProcessor.from_pretrained(path)
+    if args.vision_tower:
+        config.vision_config = json.loads(args.vision_tower)
     model = MMDLMForConditionalGeneration(config).train()
+    processor.num_image_tokens = model.model.vision_tower.num_patches + int(config.use_image_newline)
     collator = MultiTaskCollator(processor, max_length=512, config=config)
     train, test = _examples(args.qtype, 4000 if args.qtype != "solid" else 800, 128)
     answers = sorted({e["messages"][-1]["content"] for e in train})
