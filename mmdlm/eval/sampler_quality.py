@@ -91,17 +91,19 @@ def run_sampler_quality(pipe, *, n: int = 100, batch_size: int = 16, settings: S
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         ids, am, pixels = _chat_inputs(proc, chunk, pipe.device)
-        P = ids.shape[1]
+        # The twin's prompts are tokenized before timing, as the diffusion settings' are.
+        ar_inputs = _chat_inputs(ar_pipe.processor, chunk, ar_pipe.device) if ar_pipe is not None else None
         reference = None
         for name in rows_of:  # alternation: every setting once per batch, same inputs
             t0 = time.perf_counter()
             with torch.no_grad():
                 if name == AR_TWIN:
-                    ids, am, pixels = _chat_inputs(ar_pipe.processor, chunk, ar_pipe.device)
-                    P = ids.shape[1]
-                    out = generate_autoregressive(ar_pipe.model, ids, am, max_new_tokens=gen, return_dict=True,
-                                                  image_features=ar_pipe.model.image_features(pixels))
+                    a_ids, a_am, a_pixels = ar_inputs
+                    P = a_ids.shape[1]
+                    out = generate_autoregressive(ar_pipe.model, a_ids, a_am, max_new_tokens=gen, return_dict=True,
+                                                  image_features=ar_pipe.model.image_features(a_pixels))
                 else:
+                    P = ids.shape[1]
                     out = generate(model, ids, am, pixel_values=pixels, gen_length=gen, block_length=gen, steps=gen,
                                    **SETTINGS[name])
             seconds = time.perf_counter() - t0
