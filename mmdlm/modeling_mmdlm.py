@@ -214,11 +214,14 @@ class MMDLMModel(MMDLMPreTrainedModel):
         """
         if self.config.vision_config is None:
             raise ValueError("this model has no vision tower; it cannot read images (vision_config is None).")
-        images = [p for p in pixel_values] if isinstance(pixel_values, (list, tuple)) else list(pixel_values[:, None])
         tower_dtype = next(self.vision_tower.parameters()).dtype
+        device = self.embed_tokens.weight.device
+        if isinstance(pixel_values, (list, tuple)):
+            images = [self.mm_projector(self.vision_tower(v.to(device=device, dtype=tower_dtype))) for v in pixel_values]
+        else:  # one view per image: the whole batch goes through the tower at once
+            images = list(self.mm_projector(self.vision_tower(pixel_values.to(device=device, dtype=tower_dtype)))[:, None])
         feats = []
-        for views in images:
-            f = self.mm_projector(self.vision_tower(views.to(device=self.embed_tokens.weight.device, dtype=tower_dtype)))
+        for f in images:
             f = f.reshape(-1, f.shape[-1]).to(self.embed_tokens.weight.dtype)
             if self.config.use_image_newline:
                 f = torch.cat([f, self.image_newline[None].to(f.dtype)], dim=0)

@@ -149,3 +149,14 @@ def test_image_slots_without_images_error():
     m.config.image_token_id = 5
     with pytest.raises(ValueError, match="no pixel_values"):
         m(input_ids=torch.tensor([[1, 5, 5, 2]]))
+
+
+def test_a_batch_of_images_is_encoded_like_one_image_at_a_time():
+    m = tiny(vision_config={"kind": "vit", "image_size": 32, "patch_size": 16, "width": 32, "depth": 2, "heads": 2},
+             image_token_id=95)
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batched = m.model.image_features(px)  # [N, 3, S, S]: one tower call for the batch
+    one_by_one = m.model.image_features([p[None] for p in px])  # a list of views: one call per image
+    assert batched.shape == (3 * 4, 32)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[:4], batched[4:8])  # different images, different features

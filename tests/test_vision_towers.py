@@ -152,6 +152,33 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
         create_vision_tower({**VIT, "checkpoint_path": ckpt})
 
 
+def test_pool_grid_averages_patches_into_coarser_cells(x):
+    full = create_vision_tower({**VIT, "select_layer": -1})
+    pooled = create_vision_tower({**VIT, "select_layer": -1, "pool_grid": 2})
+    pooled.load_state_dict(full.state_dict())
+    assert pooled.num_patches == 4 and full.num_patches == 16
+    f = full(x).reshape(2, 4, 4, -1)  # 32 px / patch 8: a 4x4 grid, row-major
+    top_left = f[:, :2, :2].mean(dim=(1, 2))
+    bottom_right = f[:, 2:, 2:].mean(dim=(1, 2))
+    out = pooled(x)
+    torch.testing.assert_close(out[:, 0], top_left)
+    torch.testing.assert_close(out[:, 3], bottom_right)
+    # A GroupNorm ResNet pooled to the Shapes world's 3x3 grid: an 8x8 stride-8 map -> 9 slots.
+    cnn = create_vision_tower(dict(kind="timm", model_name="resnet18", image_size=64, select_layer=2, pool_grid=3,
+                                   model_kwargs=dict(layers=[1, 1, 1, 1], channels=[32, 64, 64, 64], stem_width=32,
+                                                     norm_layer="groupnorm")))
+    assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, 9, 64)
+
+
+def test_pool_grid_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="finer than"):
+        create_vision_tower({**VIT, "pool_grid": 5})
+    with pytest.raises(ValueError, match="positive int"):
+        create_vision_tower({**VIT, "pool_grid": 0})
+    with pytest.raises(ValueError, match="square grid"):
+        create_vision_tower({**VIT, "class_token": True, "select_feature": "cls_patch", "pool_grid": 2})
+
+
 def test_bad_configs_raise_clear_errors(x):
     with pytest.raises(ValueError, match="valid kinds"):
         create_vision_tower({"kind": "clip"})

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("vit", "timm", "open_clip", "siglip", "vq")
-_COMMON_KEYS = {"kind", "select_layer", "select_feature", "checkpoint_path", "prune_layers", "image_mean", "image_std"}
+_COMMON_KEYS = {"kind", "select_layer", "select_feature", "checkpoint_path", "prune_layers", "image_mean", "image_std",
+                "pool_grid"}
 _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_ratio=4.0, class_token=False),
     "timm": dict(model_name=None, image_size=None, model_kwargs={}),
@@ -29,8 +30,10 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # of the learned code embeddings, and the average-pooling factor over the code grid (2: 16x16 codes -> 64 slots).
     "vq": dict(vq=None, width=128, pool=2),
 }
+# pool_grid: average-pool the square patch grid to pool_grid x pool_grid slots (token pooling as in
+# LLaVA-OneVision / LaViDa): fewer, coarser slots; None keeps every patch.
 _COMMON_DEFAULTS = dict(select_layer=-2, select_feature="patch", checkpoint_path=None, prune_layers=True,
-                        image_mean=None, image_std=None)
+                        image_mean=None, image_std=None, pool_grid=None)
 
 # google/siglip-so400m-patch14-384, the tower LLaDA-V ships (pass siglip_config="so400m-patch14-384").
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -208,6 +211,7 @@ class VisionTower(nn.Module):
             _load_weights(target, cfg["checkpoint_path"], full_keys - set(target.state_dict()), prefixes)
         if self._hidden_size is None:
             self._probe()
+        self._grid = self._check_pool_grid(cfg["pool_grid"])
 
     # ---------------------------------------------------------------------------------------------------- builders
     def _setup_timm_vit(self, m: nn.Module, cfg: dict) -> None:
@@ -363,6 +367,20 @@ class VisionTower(nn.Module):
         self.train(was_training)
         self._num_patches, self._hidden_size = out.shape[1], out.shape[2]
 
+    def _check_pool_grid(self, pool_grid: int | None) -> int | None:
+        if pool_grid is None:
+            return None
+        if not isinstance(pool_grid, int) or isinstance(pool_grid, bool) or pool_grid < 1:
+            raise ValueError(f"pool_grid must be a positive int (slots per side) or None, got {pool_grid!r}")
+        side = int(round(self._num_patches ** 0.5))
+        if self.config["select_feature"] != "patch" or side * side != self._num_patches:
+            raise ValueError(f"pool_grid needs a square grid of patch features; this tower gives {self._num_patches} "
+                             f"slots (select_feature={self.config['select_feature']!r}). Drop pool_grid or use 'patch'.")
+        if pool_grid > side:
+            raise ValueError(f"pool_grid={pool_grid} is finer than the tower's {side}x{side} patch grid; pick <= {side}")
+        self._num_patches = pool_grid * pool_grid
+        return side
+
     # ---------------------------------------------------------------------------------------------------- forward
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         b = self._backend
@@ -400,7 +418,12 @@ class VisionTower(nn.Module):
         if pixel_values.shape[-2:] != (self._image_size, self._image_size):
             raise ValueError(f"this vision tower takes {self._image_size}x{self._image_size} images, got "
                              f"{tuple(pixel_values.shape[-2:])}; resize with MMDLMImageProcessor(image_size=...)")
-        return self._features(pixel_values.to(self.dtype))
+        x = self._features(pixel_values.to(self.dtype))
+        if self._grid is None:
+            return x
+        g = self.config["pool_grid"]
+        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self._grid, self._grid)
+        return F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)
 
     # ---------------------------------------------------------------------------------------------------- properties
     @property
