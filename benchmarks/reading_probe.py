@@ -48,8 +48,9 @@ def _examples(qtype: str, n_train: int, n_test: int) -> tuple[list[dict], list[d
     return train, test
 
 
-def first_token_accuracy(model, collator, examples: list[dict], mask_id: int) -> float:
-    """Share of rows whose first answer token is the argmax with the whole answer masked."""
+def first_token_accuracy(model, collator, examples: list[dict], mask_id: int, causal: bool = False) -> float:
+    """Share of rows whose first answer token is the argmax with the whole answer masked (a causal model: the
+    argmax at the position before it)."""
     was_training = model.training
     model.eval()
     batch = collator(examples)
@@ -59,7 +60,7 @@ def first_token_accuracy(model, collator, examples: list[dict], mask_id: int) ->
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
     first = targets.float().argmax(1, keepdim=True)
     model.train(was_training)
-    return float((logits.argmax(-1).gather(1, first) == batch["input_ids"].gather(1, first)).float().mean())
+    return float((logits.argmax(-1).gather(1, first - int(causal)) == batch["input_ids"].gather(1, first)).float().mean())
 
 
 def main(argv=None) -> int:
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--vision-tower", default=None, metavar="JSON",
                    help="another vision tower config, e.g. a linear patch embedding only (Fuyu-style): "
                         "'{\"kind\": \"vit\", \"patch_size\": 8, \"depth\": 1, \"select_layer\": 0}'")
+    p.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
+                   help="ar: the same model made causal and trained on next-token prediction (the AR twin's loss)")
+    p.add_argument("--weighting", choices=("elbo", "mean"), default=None,
+                   help="diffusion loss weighting: elbo (1/t, LLaDA; the default) or mean (LaViDa, Dimple)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -82,6 +87,7 @@ def main(argv=None) -> int:
     path = resolve_model_path(args.model)
     config = MMDLMConfig.from_pretrained(path)
     config.num_hidden_layers = args.layers
+    config.is_causal = args.objective == "ar"
     processor = MMDLMProcessor.from_pretrained(path)
     if args.vision_tower:
         config.vision_config = json.loads(args.vision_tower)
@@ -97,13 +103,14 @@ def main(argv=None) -> int:
     for step in range(args.steps + 1):
         batch = collator(rng.sample(train, min(args.batch_size, len(train))))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = diffusion.compute_batch_loss(model, batch)["loss"]
+            loss = diffusion.compute_batch_loss(model, batch, objective=args.objective,
+                                              weighting=args.weighting)["loss"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.every == 0:
-            acc = first_token_accuracy(model, collator, test, config.mask_token_id)
+            acc = first_token_accuracy(model, collator, test, config.mask_token_id, config.is_causal)
             print(f"step {step:4d}  loss {loss.item():.3f}  held-out first-token accuracy {acc:.1%}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     return 0
