@@ -243,6 +243,7 @@ def compute_batch_loss(
     task_weights: Optional[dict[Any, float]] = None,
     weighting: Optional[str] = None,
     pad_counts_as_answer: bool = True,
+    padding_weight: str = "token",
     cfg_dropout: float = 0.0,
     eps: float = EPS,
     antithetic: bool = False,
@@ -272,10 +273,19 @@ def compute_batch_loss(
     :mod:`mmdlm.sampling.maskgit` builds its unconditional row. With ``pad_counts_as_answer=False`` the EOS
     padding (trailing EOS after the first) is never a target and not counted in answer lengths.
 
+    ``padding_weight`` (diffusion text/understanding rows, with the padding counted): ``"token"`` (LLaDA) makes
+    each EOS pad a full target; ``"row"`` keeps every pad a target but weighs a row's padding together as ONE
+    token, in the CE sum and in the answer length. With answers EOS-padded to a fixed canvas (say 32 tokens for a
+    one-word answer) "token" leaves the informative tokens ~1/30 of the loss and slows learning to read images
+    (benchmarks/reading_probe.py); "row" still teaches the model to fill the canvas with EOS.
+
     Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
     """
     validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic)
     weighting = "elbo" if weighting is None else weighting
+    if padding_weight not in ("token", "row"):
+        raise ValueError(f"padding_weight must be 'token' (each EOS pad a full target, LLaDA) or 'row' (a row's "
+                         f"padding weighs as one token), got {padding_weight!r}.")
     for key in ("input_ids", "attention_mask", "loss_mask", "task_ids"):
         if key not in batch:
             raise ValueError(f"the batch has no {key!r}; collate input_ids, attention_mask, loss_mask and task_ids.")
@@ -307,8 +317,22 @@ def compute_batch_loss(
     if objective == "ar":
         ce, rows, logits = _next_token_ce(model, input_ids, am, targets, batch.get("pixel_values"))
     else:
-        ce, rows, logits, p = _masked_ce(model, batch, config, input_ids, am, loss_mask, targets, task_ids, is_t2i,
-                                         cfg_dropout, eps, antithetic, generator)
+        ce, rows, logits, p, (idx, valid) = _masked_ce(model, batch, config, input_ids, am, loss_mask, targets,
+                                                       task_ids, is_t2i, cfg_dropout, eps, antithetic, generator)
+    region = targets
+    if objective == "diffusion" and padding_weight == "row" and pad_counts_as_answer:
+        # Each pad weighs 1/n_pad of its row, so the row's whole padding counts as one answer token.
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("padding_weight='row' needs config.eos_token_id to find the EOS padding.")
+        pos = torch.arange(L, device=device)
+        last_word = torch.where(targets & (input_ids != eos), pos, -1).max(1, keepdim=True).values
+        ends = targets & (input_ids == eos) & (pos > last_word)  # the answer's closing EOS and its padding
+        first_end = torch.where(ends, pos, L).min(1, keepdim=True).values
+        pad = ends & (pos > first_end) & ~is_t2i
+        weight = torch.where(pad, 1.0 / pad.sum(1, keepdim=True).clamp(min=1), 1.0)
+        region = weight * targets
+        ce = ce * weight.gather(1, idx)[valid]
 
     out: dict[str, torch.Tensor] = {}
     total = logits.sum() * 0.0  # keeps the graph (and DDP) happy even if every term is empty
@@ -322,7 +346,7 @@ def compute_batch_loss(
         else:
             # Row ids within the task so that the SFT mean is over this task's rows only.
             local = torch.cumsum(in_task.long(), 0) - 1
-            loss = _reduce(ce[keep], local[rows[keep]], p[in_task], targets[in_task], "sft", weighting, None)
+            loss = _reduce(ce[keep], local[rows[keep]], p[in_task], region[in_task], "sft", weighting, None)
         out[name] = loss
         total = total + weights[name] * loss
     out["loss"] = total
@@ -377,4 +401,4 @@ def _masked_ce(model, batch, config, input_ids, am, loss_mask, targets, task_ids
     ).logits
     rows = valid.nonzero(as_tuple=True)[0]
     ce = F.cross_entropy(logits[valid].float(), input_ids.gather(1, idx)[valid], reduction="none")
-    return ce, rows, logits, p
+    return ce, rows, logits, p, (idx, valid)

@@ -296,6 +296,25 @@ def test_pad_switch_in_batch_keeps_eos_padding_clean():
     assert (row[3:8] == MASK).all()
 
 
+def test_row_padding_weight_counts_a_rows_padding_as_one_token():
+    model = Recorder(tiny_model())
+    batch = mixed_batch()
+    batch["p_mask"] = torch.ones(3)  # every target masked, 1/p = 1: the loss is a weighted mean CE per row
+    out = compute_batch_loss(model, batch, generator=g(), padding_weight="row")
+    ce = F.cross_entropy(model.seen.logits.transpose(1, 2), batch["input_ids"], reduction="none")
+    # text row: BOS 10 11 | 12..16 EOS | EOS EOS EOS -> 5 words + the closing EOS at full weight, 3 pads at 1/3 each
+    want_text = (ce[0, 3:9].sum() + ce[0, 9:].mean()) / 7
+    assert out["text"].item() == pytest.approx(want_text.item(), rel=1e-5)
+    # understanding row: 24 25 26 27 EOS | EOS EOS
+    want_und = (ce[1, 5:10].sum() + ce[1, 10:].mean()) / 6
+    assert out["understanding"].item() == pytest.approx(want_und.item(), rel=1e-5)
+    plain = compute_batch_loss(Recorder(tiny_model()), batch, generator=g())
+    assert plain["text"].item() == pytest.approx(ce[0, 3:].mean().item(), rel=1e-5)  # "token": every pad counts
+    assert plain["t2i"].item() == pytest.approx(out["t2i"].item(), rel=1e-6)  # image codes are never padding
+    with pytest.raises(ValueError, match="padding_weight"):
+        compute_batch_loss(model, batch, padding_weight="rows")
+
+
 def test_compute_batch_loss_rejects_bad_batches():
     model = tiny_model()
     batch = mixed_batch()

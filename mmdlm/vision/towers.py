@@ -363,7 +363,9 @@ class VisionTower(nn.Module):
     def _probe(self) -> None:
         was_training = self.training
         self.eval()
-        out = self._features(torch.zeros(1, 3, self._image_size, self._image_size, dtype=self.dtype))
+        # On the parameters' device: checkpoint loading builds the model on "meta", where only shapes exist.
+        device = next(self.vision_tower.parameters()).device
+        out = self._features(torch.zeros(1, 3, self._image_size, self._image_size, dtype=self.dtype, device=device))
         self.train(was_training)
         self._num_patches, self._hidden_size = out.shape[1], out.shape[2]
 
