@@ -75,6 +75,10 @@ def main(argv=None) -> int:
                    help="ar: the same model made causal and trained on next-token prediction (the AR twin's loss)")
     p.add_argument("--weighting", choices=("elbo", "mean"), default=None,
                    help="diffusion loss weighting: elbo (1/t, LLaDA; the default) or mean (LaViDa, Dimple)")
+    p.add_argument("--min-answer-length", type=int, default=0,
+                   help="EOS-pad answers to this many tokens, as a recipe's min_answer_length does (default 0)")
+    p.add_argument("--padding-weight", choices=("token", "row"), default="token",
+                   help="how much the EOS padding counts in the loss: each pad a full token (LLaDA) or one per row")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         config.vision_config = json.loads(args.vision_tower)
     model = MMDLMForConditionalGeneration(config).train()
     processor.num_image_tokens = model.model.vision_tower.num_patches + int(config.use_image_newline)
-    collator = MultiTaskCollator(processor, max_length=512, config=config)
+    collator = MultiTaskCollator(processor, max_length=512, config=config, min_answer_length=args.min_answer_length)
     train, test = _examples(args.qtype, 4000 if args.qtype != "solid" else 800, 128)
     answers = sorted({e["messages"][-1]["content"] for e in train})
     print(f"qtype={args.qtype}: {len(train)} training rows, {len(test)} held-out rows, {len(answers)} answers "
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
         batch = collator(rng.sample(train, min(args.batch_size, len(train))))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = diffusion.compute_batch_loss(model, batch, objective=args.objective,
-                                              weighting=args.weighting)["loss"]
+                                              weighting=args.weighting,
+                                              padding_weight=args.padding_weight)["loss"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
