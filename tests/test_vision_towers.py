@@ -259,3 +259,14 @@ def test_vision_layer_imports_nothing_above_it():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.startswith("open_clip") for n in names), path.name
+
+
+def test_convnet_tower_builds_on_meta_device():
+    # Checkpoint loading builds the model on "meta" first; a timm convnet's output shape is probed there.
+    cfg = dict(kind="timm", model_name="resnet18", image_size=64, select_layer=2, pool_grid=3,
+               model_kwargs=dict(layers=[1, 1, 1, 1], channels=[32, 64, 64, 64], stem_width=32, norm_layer="groupnorm"))
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):  # as mmdlm.checkpoints builds a model before loading
+        tower = create_vision_tower(cfg)
+    assert (tower.num_patches, tower.hidden_size) == (9, 64)
+    assert next(tower.parameters()).device.type == "meta"
