@@ -79,6 +79,9 @@ def main(argv=None) -> int:
                    help="EOS-pad answers to this many tokens, as a recipe's min_answer_length does (default 0)")
     p.add_argument("--padding-weight", choices=("token", "row"), default="token",
                    help="how much the EOS padding counts in the loss: each pad a full token (LLaDA) or one per row")
+    p.add_argument("--eps", type=float, default=None,
+                   help="diffusion: the least masking ratio, p = eps + (1 - eps) t (default LLaDA's 1e-3; 0.5 masks "
+                        "at least half of every answer, 1.0 all of it)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -103,13 +106,14 @@ def main(argv=None) -> int:
     print(f"qtype={args.qtype}: {len(train)} training rows, {len(test)} held-out rows, {len(answers)} answers "
           f"(uniform guess {1 / len(answers):.1%}); {args.layers}-layer denoiser, tower {config.vision_config}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    eps = {} if args.eps is None else {"eps": args.eps}
     start = time.perf_counter()
     for step in range(args.steps + 1):
         batch = collator(rng.sample(train, min(args.batch_size, len(train))))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = diffusion.compute_batch_loss(model, batch, objective=args.objective,
                                               weighting=args.weighting,
-                                              padding_weight=args.padding_weight)["loss"]
+                                              padding_weight=args.padding_weight, **eps)["loss"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
