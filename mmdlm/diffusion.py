@@ -180,11 +180,13 @@ def validate_loss_options(
     cfg_dropout: float = 0.0,
     eps: float = EPS,
     antithetic: bool = False,
+    padding_weight: str = "token",
 ) -> None:
     """Check a combination of :func:`compute_batch_loss` options; raises ``ValueError`` saying what to change.
 
-    The masking options (``weighting``, ``cfg_dropout``, ``eps``, ``antithetic``) belong to the masked-diffusion
-    objective; the next-token objective (``"ar"``) masks nothing, so setting any of them with it is an error.
+    The masking options (``weighting``, ``cfg_dropout``, ``eps``, ``antithetic``, ``padding_weight``) belong to
+    the masked-diffusion objective; the next-token objective (``"ar"``) masks nothing, so setting any of them with
+    it is an error.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -193,11 +195,16 @@ def validate_loss_options(
         )
     if not 0.0 <= cfg_dropout <= 1.0:
         raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps is the least masking ratio, in (0, 1] (LLaDA: 1e-3), got {eps}.")
+    if padding_weight not in ("token", "row"):
+        raise ValueError(f"padding_weight must be 'token' (each EOS pad a full target, LLaDA) or 'row' (a row's "
+                         f"padding weighs as one token), got {padding_weight!r}.")
     if objective == "diffusion":
         _check_options("sft", "elbo" if weighting is None else weighting)
         return
     misplaced = {"weighting": weighting is not None, "cfg_dropout": cfg_dropout > 0, "eps": eps != EPS,
-                 "antithetic": bool(antithetic)}
+                 "antithetic": bool(antithetic), "padding_weight": padding_weight != "token"}
     for name, is_set in misplaced.items():
         if is_set:
             raise ValueError(
@@ -281,11 +288,9 @@ def compute_batch_loss(
 
     Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
     """
-    validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic)
+    validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic,
+                          padding_weight=padding_weight)
     weighting = "elbo" if weighting is None else weighting
-    if padding_weight not in ("token", "row"):
-        raise ValueError(f"padding_weight must be 'token' (each EOS pad a full target, LLaDA) or 'row' (a row's "
-                         f"padding weighs as one token), got {padding_weight!r}.")
     for key in ("input_ids", "attention_mask", "loss_mask", "task_ids"):
         if key not in batch:
             raise ValueError(f"the batch has no {key!r}; collate input_ids, attention_mask, loss_mask and task_ids.")

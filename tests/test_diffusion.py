@@ -21,6 +21,7 @@ from mmdlm.diffusion import (
     sample_t,
     stratified_mask_counts,
     trailing_padding,
+    validate_loss_options,
 )
 
 MASK, EOS, BOS, T2I, SOI, EOI = 63, 2, 1, 6, 4, 5
@@ -199,6 +200,13 @@ def test_bad_loss_options_raise():
         masked_diffusion_loss(x, t, m, 0.5, answer_mask=m, weighting="sum")
     with pytest.raises(ValueError, match="p_mask"):
         masked_diffusion_loss(x, t, m, 0.0, answer_mask=m)
+    with pytest.raises(ValueError, match="least masking ratio"):
+        validate_loss_options(eps=1.5)
+    with pytest.raises(ValueError, match="padding_weight"):
+        validate_loss_options(padding_weight="rows")
+    with pytest.raises(ValueError, match="padding_weight is a masked-diffusion option"):
+        validate_loss_options("ar", padding_weight="row")
+    validate_loss_options(eps=1.0, padding_weight="row")  # every answer fully masked: allowed
 
 
 def test_cosine_image_masking_counts_and_loss():
