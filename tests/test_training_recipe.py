@@ -94,5 +94,6 @@ def test_bundled_recipes_load(name):
     if name == "shapes-tiny":
         m = r.model
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
-        assert m.vision_tower["patch_size"] == 8 and m.image_tokenizer["codebook_size"] == 512
+        assert m.vision_tower["pool_grid"] == 3 and m.image_tokenizer["codebook_size"] == 512
+        assert r.stages[-1].loss == {"cfg_dropout": 0.1, "padding_weight": "row", "eps": 0.5}
         assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "denoiser"]
