@@ -211,7 +211,7 @@ class VisionTower(nn.Module):
             _load_weights(target, cfg["checkpoint_path"], full_keys - set(target.state_dict()), prefixes)
         if self._hidden_size is None:
             self._probe()
-        self._grid = self._check_pool_grid(cfg["pool_grid"])
+        self._patch_side = self._check_pool_grid(cfg["pool_grid"])
 
     # ---------------------------------------------------------------------------------------------------- builders
     def _setup_timm_vit(self, m: nn.Module, cfg: dict) -> None:
@@ -370,6 +370,7 @@ class VisionTower(nn.Module):
         self._num_patches, self._hidden_size = out.shape[1], out.shape[2]
 
     def _check_pool_grid(self, pool_grid: int | None) -> int | None:
+        """Validate pool_grid and set num_patches to its slots; returns the side of the patch grid it pools."""
         if pool_grid is None:
             return None
         if not isinstance(pool_grid, int) or isinstance(pool_grid, bool) or pool_grid < 1:
@@ -421,10 +422,10 @@ class VisionTower(nn.Module):
             raise ValueError(f"this vision tower takes {self._image_size}x{self._image_size} images, got "
                              f"{tuple(pixel_values.shape[-2:])}; resize with MMDLMImageProcessor(image_size=...)")
         x = self._features(pixel_values.to(self.dtype))
-        if self._grid is None:
+        if self._patch_side is None:
             return x
         g = self.config["pool_grid"]
-        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self._grid, self._grid)
+        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self._patch_side, self._patch_side)
         return F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)
 
     # ---------------------------------------------------------------------------------------------------- properties
