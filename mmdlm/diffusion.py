@@ -283,8 +283,8 @@ def compute_batch_loss(
     ``padding_weight`` (diffusion text/understanding rows, with the padding counted): ``"token"`` (LLaDA) makes
     each EOS pad a full target; ``"row"`` keeps every pad a target but weighs a row's padding together as ONE
     token, in the CE sum and in the answer length. With answers EOS-padded to a fixed canvas (say 32 tokens for a
-    one-word answer) "token" leaves the informative tokens ~1/30 of the loss and slows learning to read images
-    (benchmarks/reading_probe.py); "row" still teaches the model to fill the canvas with EOS.
+    one-word answer) "token" leaves the informative tokens ~1/30 of the loss; "row" still teaches the model to fill the
+    canvas with EOS.
 
     Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
     """
