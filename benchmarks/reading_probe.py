@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -26,6 +27,7 @@ from mmdlm.modeling_mmdlm import MMDLMForConditionalGeneration
 from mmdlm.model_files import resolve_model_path
 from mmdlm.processing import MMDLMProcessor
 from mmdlm.training.collators import MultiTaskCollator
+from mmdlm.training.denoiser_stage import load_vision_tower
 
 QTYPES = ("solid", "color", "shape", "count", "exist", "position", "size", "color1")
 
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
     p.add_argument("--vision-tower", default=None, metavar="JSON",
                    help="another vision tower config, e.g. a linear patch embedding only (Fuyu-style): "
                         "'{\"kind\": \"vit\", \"patch_size\": 8, \"depth\": 1, \"select_layer\": 0}'")
+    p.add_argument("--vision-tower-from", default=None, metavar="FOLDER",
+                   help="start the tower from this saved model's tower (same tower config), e.g. the vision_pretrain "
+                        "output of a run")
+    p.add_argument("--freeze-tower", action="store_true", help="do not train the vision tower")
     p.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
                    help="ar: the same model made causal and trained on next-token prediction (the AR twin's loss)")
     p.add_argument("--weighting", choices=("elbo", "mean"), default=None,
@@ -99,13 +105,17 @@ def main(argv=None) -> int:
     if args.vision_tower:
         config.vision_config = json.loads(args.vision_tower)
     model = MMDLMForConditionalGeneration(config).train()
+    if args.vision_tower_from:
+        load_vision_tower(model, Path(args.vision_tower_from))
+    if args.freeze_tower:
+        model.model.vision_tower.requires_grad_(False)
     processor.num_image_tokens = model.model.vision_tower.num_patches + int(config.use_image_newline)
     collator = MultiTaskCollator(processor, max_length=512, config=config, min_answer_length=args.min_answer_length)
     train, test = _examples(args.qtype, 4000 if args.qtype != "solid" else 800, 128)
     answers = sorted({e["messages"][-1]["content"] for e in train})
     print(f"qtype={args.qtype}: {len(train)} training rows, {len(test)} held-out rows, {len(answers)} answers "
           f"(uniform guess {1 / len(answers):.1%}); {args.layers}-layer denoiser, tower {config.vision_config}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01)
     eps = {} if args.eps is None else {"eps": args.eps}
     start = time.perf_counter()
     for step in range(args.steps + 1):

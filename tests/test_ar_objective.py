@@ -188,7 +188,25 @@ def test_ar_twin_recipe_is_shapes_tiny_with_causal_attention():
     expected["model"].update(is_causal=True, image_tokenizer=None,
                              image_tokenizer_path=twin["model"]["image_tokenizer_path"])
     expected["tokenizer"]["path"] = twin["tokenizer"]["path"]
-    expected["stages"] = [s for s in expected["stages"] if s["type"] == "denoiser"]
+    expected["stages"] = [s for s in expected["stages"] if s["type"] in ("vision_pretrain", "denoiser")]
     expected["stages"][-1]["loss"] = {"objective": "ar"}
     twin["tokenizer"]["vocab_size"] = base["tokenizer"]["vocab_size"]  # unused when the tokenizer is loaded
     assert twin == expected
+
+
+def test_generate_decodes_a_causal_model_greedily():
+    """``mmdlm.sampling.generate`` (what the pipeline and ``model.generate`` call) hands a causal model to the
+    greedy KV-cached decoder instead of running a diffusion sampler on it, and refuses diffusion-only options."""
+    from mmdlm.sampling import generate
+    from mmdlm.sampling.autoregressive import generate_autoregressive
+
+    model = tiny_model().eval()
+    ids = torch.tensor([[BOS, 10, 11, 12], [BOS, 20, 21, 22]])
+    out = generate(model, ids, gen_length=6)
+    expected = generate_autoregressive(model, ids, max_new_tokens=6, return_dict=True)
+    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6).sequences, expected.sequences)
+    with pytest.raises(ValueError, match="causal"):
+        generate(model, ids, sampler="fast", gen_length=6)
+    with pytest.raises(ValueError, match="streaming"):
+        generate(model, ids, gen_length=6, callback=lambda *a: None)

@@ -74,6 +74,28 @@ def test_tagged_unions_and_value_checks():
     assert msg.startswith("model.image_tokenizer:") and "divisible" in msg
 
 
+def test_vision_pretrain_stage_checks():
+    tower = {"kind": "vit", "image_size": 32}
+    pre = {"type": "vision_pretrain", "steps": 2}
+    r = recipe_from_dict(_base(model={"vision_tower": tower}, stages=[{"type": "tokenizer"}, pre, {"type": "denoiser"}]))
+    stage = r.stages[1]
+    assert stage.name == "vision_pretrain"
+    as_denoiser = stage.as_denoiser_stage()
+    assert as_denoiser.loss == {"objective": "ar"} and as_denoiser.tasks == ["understanding"]
+    assert (as_denoiser.steps, as_denoiser.lr, as_denoiser.name) == (2, stage.lr, "vision_pretrain")
+    assert _error(_base(stages=[pre, {"type": "denoiser"}])).startswith("model.vision_tower: a vision_pretrain")
+    assert "order" in _error(_base(model={"vision_tower": tower}, stages=[{"type": "denoiser"}, pre]))
+    assert "more than one" in _error(_base(model={"vision_tower": tower}, stages=[pre, dict(pre, name="b"),
+                                                                                  {"type": "denoiser"}]))
+    assert "needs a denoiser" in _error(_base(model={"vision_tower": tower}, stages=[pre]))
+    assert _error(_base(model={"vision_tower": tower, "vision_tower_from": "x"}, stages=[pre, {"type": "denoiser"}])
+                  ).startswith("model.vision_tower_from: the recipe also has a vision_pretrain stage")
+    assert _error(_base(model={"vision_tower": tower}, stages=[dict(pre, hidden_size=30, num_attention_heads=4),
+                                                               {"type": "denoiser"}])).startswith(
+        "stages[0].hidden_size: 30 is not divisible")
+    assert _error(_base(model={"vision_tower_from": "x"})).startswith("model.vision_tower_from: set model.vision_tower")
+
+
 def test_yaml_file_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sources: [{type: shapes}]\nstages:\n  - {type: denoiser, steps: many}\n")
@@ -96,4 +118,5 @@ def test_bundled_recipes_load(name):
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
         assert m.vision_tower["pool_grid"] == 3 and m.image_tokenizer["codebook_size"] == 512
         assert r.stages[-1].loss == {"cfg_dropout": 0.1, "padding_weight": "row", "eps": 0.5}
-        assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "denoiser"]
+        assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "vision_pretrain", "denoiser"]
+        assert r.stages[-1].freeze == ["vision_tower"]

@@ -121,6 +121,45 @@ def test_vq_tower_takes_the_trained_image_tokenizer(base, tmp_path):
     assert model.model.vision_tower.num_patches == 4  # 4x4 codes of a 64 px image, pooled 2x2
 
 
+def _tower(folder):
+    return {k: v for k, v in weights(folder).items() if k.startswith("model.vision_tower.")}
+
+
+def test_vision_pretrain_stage_hands_its_tower_to_the_denoiser(base, tmp_path):
+    """The vision_pretrain stage trains a causal captioner on understanding rows only; the denoiser starts from
+    its tower (frozen here, so the final tower must equal the captioner's exactly, and differ from a fresh one)."""
+    from mmdlm import MMDLMForConditionalGeneration
+
+    d = recipe_dict(steps=2, freeze=["vision_tower"])
+    d["stages"].insert(2, {"type": "vision_pretrain", "hidden_size": 16, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "steps": 3, "lr": 5e-3, "batch_size": 4, "max_length": 128,
+                           "log_every": 1})
+    final = run(base, tmp_path / "pre", d)
+    captioner = tmp_path / "pre" / "vision_pretrain"
+    config = json.loads((captioner / "config.json").read_text())
+    assert config["is_causal"] and config["hidden_size"] == 16 and not config.get("image_tokenizer_config")
+    records = read_metrics(tmp_path / "pre" / "metrics.jsonl")
+    pretrain = [r for r in records if r.get("stage") == "vision_pretrain" and "loss" in r]
+    # understanding rows only: no t2i loss is ever logged
+    assert len(pretrain) == 3 and all(r["understanding"] > 0 and r.get("t2i", 0) == 0 for r in pretrain), pretrain
+    ours, theirs = _tower(final), _tower(captioner)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    fresh = MMDLMForConditionalGeneration(MMDLMForConditionalGeneration.config_class.from_pretrained(str(final)))
+    fresh_tower = {f"model.vision_tower.{k}": v for k, v in fresh.model.vision_tower.state_dict().items()}
+    assert any(not torch.equal(fresh_tower[k], ours[k]) for k in ours)
+
+
+def test_vision_tower_from_copies_a_saved_tower_and_refuses_another_shape(base, straight, tmp_path):
+    d = recipe_dict(steps=1, freeze=["vision_tower"])
+    d["model"]["vision_tower_from"] = str(straight)
+    final = run(base, tmp_path / "copy", d)
+    ours, theirs = _tower(final), _tower(straight)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    d["model"]["vision_tower"] = {**d["model"]["vision_tower"], "width": 48}
+    with pytest.raises(ValueError, match="vision_tower_from: the tower saved at"):
+        run(base, tmp_path / "other", d)
+
+
 def test_training_reduces_the_loss(base, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("a large red circle at the center.\na small blue square at the top left.\n")

@@ -60,6 +60,26 @@ def _fast_sampler():
         return None
 
 
+def _generate_causal(model, input_ids, attention_mask, sampler, pixel_values, image_features, gen_length,
+                     callback) -> GenerateOutput:
+    from .autoregressive import generate_autoregressive
+
+    if sampler is not None:
+        raise ValueError(f"this model is causal (config.is_causal: an AR twin or a vision_pretrain captioner); it "
+                         f"decodes greedily, not with the {sampler!r} diffusion sampler; leave sampler unset")
+    if callback is not None:
+        raise ValueError("streaming shows the denoising steps of a diffusion model; this model is causal and has "
+                         "none, so ask it without streaming")
+    if pixel_values is not None:
+        if image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both.")
+        image_features = model.image_features(pixel_values)
+    start = time.perf_counter()
+    out = generate_autoregressive(model, input_ids, attention_mask, max_new_tokens=int(gen_length), return_dict=True,
+                                  image_features=image_features)
+    return GenerateOutput(sequences=out.sequences, nfe=out.nfe, seconds=time.perf_counter() - start)
+
+
 def _fit_to_length(options: dict[str, Any], explicit: set[str], config: MMDLMGenerationConfig) -> None:
     """When the caller sets gen_length but leaves block_length/steps to the config, keep them valid for it:
     block_length falls back to gen_length if it does not divide it, and steps keep the config's steps per token
@@ -89,7 +109,9 @@ def generate(
     """Answer (multimodal) prompts with a diffusion sampler.
 
     ``sampler``: "llada" (reference, :func:`mmdlm.sampling.llada.generate`) or "fast"
-    (``mmdlm.sampling.fast.generate``); default from the generation config. Images are encoded once
+    (``mmdlm.sampling.fast.generate``); default from the generation config. A causal model
+    (``config.is_causal``: the AR twin, a ``vision_pretrain`` captioner) decodes greedily with its KV cache
+    instead (:func:`mmdlm.sampling.autoregressive.generate_autoregressive`; only ``gen_length`` applies). Images are encoded once
     (``model.image_features(pixel_values)``); ``image_sizes`` is accepted for processor outputs and unused (the
     views already encode it). Options come from ``generation_config`` (or ``model.generation_config``) and
     explicit ``kwargs`` win; ``max_new_tokens`` is an alias of ``gen_length``. Remaining kwargs go to the sampler
@@ -101,6 +123,9 @@ def generate(
         if "gen_length" in kwargs and kwargs["gen_length"] != alias:
             raise ValueError(f"max_new_tokens ({alias}) and gen_length ({kwargs['gen_length']}) disagree; pass one.")
         kwargs["gen_length"] = alias
+    if getattr(model.config, "is_causal", False):
+        return _generate_causal(model, input_ids, attention_mask, sampler, pixel_values, image_features,
+                                kwargs.get("gen_length", config.gen_length), kwargs.get("callback"))
     name = sampler or config.sampler
     if name not in ("llada", "fast"):
         raise ValueError(f"unknown sampler {name!r}; choose 'llada' (reference) or 'fast'.")

@@ -7,13 +7,13 @@ import copy
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .collators import TASK_IDS, MultiTaskCollator, precompute_image_codes
 from .mixture import Mixture
-from .recipe import DenoiserStage
+from .recipe import DenoiserStage, ModelRecipe
 from .run_context import RunContext, StageStopped, _fingerprint
 from .tokenizer_stages import _load_tokenizer
 from .trainer import StageTrainer, build_param_groups, name_matches, step_seed
@@ -25,14 +25,14 @@ def _config_fingerprint(config: Any, tokenizer: Any) -> str:
     return _fingerprint(d, sorted(tokenizer.get_vocab().items()))
 
 
-def _fresh_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
+def _fresh_model(m: ModelRecipe, seed: int, tokenizer: Any, vq: Any, index: int):
+    """A model built from ``m`` with random weights (seeded by the run's seed and the stage index)."""
     from ..configuration_mmdlm import MMDLMConfig
     from ..modeling_mmdlm import MMDLMForConditionalGeneration
     from ..processing import MMDLMProcessor
     from ..tokenization import config_token_fields
     from ..vision.image_processing import MMDLMImageProcessor
 
-    m = ctx.recipe.model
     sizes = {k: getattr(m, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                         "intermediate_size", "head_dim", "max_position_embeddings", "rope_theta",
                                         "tie_word_embeddings", "is_causal", "initializer_range")}
@@ -52,7 +52,7 @@ def _fresh_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
             image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
                                     if vq is not None else None),
         )
-        torch.manual_seed(step_seed(ctx.recipe.seed, index, 0))
+        torch.manual_seed(step_seed(seed, index, 0))
         model = MMDLMForConditionalGeneration(config)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"model: cannot build the model from the recipe: {e}") from e
@@ -162,7 +162,7 @@ def _check_capabilities(config: Any, examples: list[dict], path: str) -> None:
 
 
 def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: Mixture, eval_examples: list[dict],
-                    start: Any) -> Path:
+                    start: Any, generation_overrides: Optional[dict[str, Any]] = None) -> Path:
     from .. import diffusion
 
     out = ctx.output_dir / stage.name
@@ -175,9 +175,12 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         mixture = mixture.restricted(stage.tasks)
     except ValueError as e:
         raise ValueError(f"{path}.tasks: {e}") from None
+    if stage.tasks is not None:
+        eval_examples = [ex for ex in eval_examples if ex["task"] in stage.tasks]
     model, processor = start()
     config = model.config
-    everything = list(mixture.examples) + list(eval_examples)
+    everything = [ex for ex in mixture.examples if stage.tasks is None or ex["task"] in stage.tasks]
+    everything += eval_examples
     _check_capabilities(config, everything, path)
     _check_loss_options(stage, config, path)
     _apply_freeze(model, stage, path)
@@ -238,7 +241,8 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         raise StageStopped(stage.name)
     state_dict = acc.get_state_dict(trainer.model)
     final = acc.unwrap_model(trainer.model)
-    generation = _generation_config(final, ctx.recipe.model.generation or {})
+    overrides = ctx.recipe.model.generation if generation_overrides is None else generation_overrides
+    generation = _generation_config(final, overrides or {})
 
     def write(tmp: Path) -> None:
         final.save_pretrained(str(tmp), state_dict=state_dict)
@@ -249,12 +253,10 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     return out
 
 
-def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
-    """The model the first denoiser stage starts from: ``model.init_from``, or a fresh one built from the recipe
-    with this run's tokenizer and image tokenizer (from earlier stages, ``tokenizer.path``, or their folders)."""
+def _resolve_tokenizers(ctx: RunContext, tokenizer: Any, vq: Any) -> tuple[Any, Any]:
+    """This run's text tokenizer and VQ image tokenizer: from earlier stages, the recipe's paths, or the run's
+    folders."""
     m = ctx.recipe.model
-    if m.init_from is not None:
-        return _load_model(Path(m.init_from))
     if tokenizer is None:
         path = ctx.recipe.tokenizer.path or (ctx.output_dir / "tokenizer")
         if not Path(path).is_dir():
@@ -272,4 +274,56 @@ def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int):
                 "model.image_tokenizer_path to a folder written by one"
             )
         vq = VQImageTokenizer.from_pretrained(path)
-    return _fresh_model(ctx, tokenizer, vq, index)
+    return tokenizer, vq
+
+
+def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int, tower_from: Optional[Path] = None):
+    """The model the first denoiser stage starts from: ``model.init_from``, or a fresh one built from the recipe
+    with this run's tokenizer and image tokenizer, its vision tower copied from ``tower_from`` (a vision_pretrain
+    stage's output) or ``model.vision_tower_from`` when given."""
+    m = ctx.recipe.model
+    if m.init_from is not None:
+        return _load_model(Path(m.init_from))
+    tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
+    model, processor = _fresh_model(m, ctx.recipe.seed, tokenizer, vq, index)
+    source = tower_from if tower_from is not None else m.vision_tower_from
+    if source is not None:
+        load_vision_tower(model, Path(source))
+        ctx.log(f"vision tower weights copied from {source}")
+    return model, processor
+
+
+def load_vision_tower(model: Any, path: Path) -> None:
+    """Copy the vision tower's weights from the mmdlm model saved at ``path`` into ``model``.
+
+    Both towers must be built from the same ``vision_tower`` config; the rest of the saved model is not read."""
+    import json
+
+    from safetensors import safe_open
+
+    config_file, weights = path / "config.json", path / "model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"model.vision_tower_from: no saved mmdlm model at {path} (config.json and "
+                                "model.safetensors expected)")
+    tower = getattr(model.model, "vision_tower", None)
+    if tower is None:
+        raise ValueError("model.vision_tower_from: the model has no vision tower; set model.vision_tower")
+    theirs = json.loads(config_file.read_text(encoding="utf-8")).get("vision_config")
+    ours = model.config.vision_config
+    if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):
+        raise ValueError(f"model.vision_tower_from: the tower saved at {path} was built from {theirs}, but this "
+                         f"recipe's model.vision_tower is {ours}; use the same tower config")
+    prefix = "model.vision_tower."
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    own = tower.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"model.vision_tower_from: the tower weights at {path} do not fit this tower (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    if (ours or {}).get("kind") == "vq" and getattr(model, "image_tokenizer", None) is not None:
+        # A 'vq' tower's frozen encoder and codebook belong to this run's image tokenizer, not the source's.
+        tower.load_image_tokenizer(model.image_tokenizer)

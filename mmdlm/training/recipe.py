@@ -25,7 +25,9 @@ class ModelRecipe:
     ``generation`` holds decoding defaults saved with the model as ``generation_config.json``
     (:class:`mmdlm.generation_config.MMDLMGenerationConfig` fields such as ``gen_length``, ``steps``).
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
-    tokenizer are reused and the size fields here are ignored."""
+    tokenizer are reused and the size fields here are ignored. ``vision_tower_from`` copies only the vision
+    tower's weights from a saved mmdlm model folder with the same ``vision_tower`` config (e.g. the
+    ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -46,6 +48,7 @@ class ModelRecipe:
     image_tokenizer_path: Optional[str] = None
     generation: Optional[dict[str, Any]] = None
     init_from: Optional[str] = None
+    vision_tower_from: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------------- data sources
@@ -221,7 +224,48 @@ class DenoiserStage:
     keep_checkpoints: int = 1
 
 
-Stage = Union[ImageTokenizerStage, TokenizerStage, DenoiserStage]
+@dataclass
+class VisionPretrainStage:
+    """Pretrain the vision tower by captioning (CapPa-style) before the denoiser sees it.
+
+    LLaVA-style models start from a pretrained CLIP/SigLIP tower; none can be downloaded here, and a tower
+    trained from scratch inside the denoiser learns to tell shapes and colours apart slowly. This stage trains
+    the recipe's vision tower and a projector under a small causal decoder (``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``) with next-token prediction on the mixture's understanding
+    rows; the first denoiser stage then starts from its tower (the decoder and projector are dropped). Its
+    output folder is itself a causal mmdlm model (greedy decoding: ``mmdlm.sampling.autoregressive``)."""
+
+    type: Literal["vision_pretrain"] = "vision_pretrain"
+    name: Optional[str] = None
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    steps: int = 1500
+    lr: float = 2e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    max_length: int = 256
+    bf16: bool = True
+    bf16_cpu: bool = False
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 1
+
+    def as_denoiser_stage(self) -> DenoiserStage:
+        """The same schedule as a :class:`DenoiserStage` that trains next-token prediction on understanding rows."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name in {g.name for g in dataclasses.fields(DenoiserStage)} and f.name != "type"}
+        return DenoiserStage(**shared, loss={"objective": "ar"}, tasks=["understanding"])
+
+
+Stage = Union[ImageTokenizerStage, TokenizerStage, VisionPretrainStage, DenoiserStage]
 
 
 @dataclass
@@ -258,6 +302,13 @@ def _check_stage(stage: Any, path: str) -> None:
         raise RecipeError(f"{path}.schedule: expected 'cosine', 'linear' or 'constant', got {stage.schedule!r}")
     if not 0.0 <= stage.min_lr_ratio <= 1.0:
         raise RecipeError(f"{path}.min_lr_ratio: must be in [0, 1], got {stage.min_lr_ratio}")
+    if isinstance(stage, VisionPretrainStage):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _positive(getattr(stage, key), f"{path}.{key}")
+        if stage.hidden_size % stage.num_attention_heads:
+            raise RecipeError(f"{path}.hidden_size: {stage.hidden_size} is not divisible by num_attention_heads "
+                              f"{stage.num_attention_heads}")
+        stage = stage.as_denoiser_stage()
     if isinstance(stage, DenoiserStage):
         _positive(stage.grad_accum, f"{path}.grad_accum")
         _positive(stage.max_length, f"{path}.max_length")
@@ -305,7 +356,8 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.model.generation:
         _check_generation_fields(recipe.model.generation)
     if not recipe.stages:
-        raise RecipeError("stages: empty; list at least one stage (image_tokenizer, tokenizer, denoiser)")
+        raise RecipeError("stages: empty; list at least one stage (image_tokenizer, tokenizer, vision_pretrain, "
+                          "denoiser)")
     names: set[str] = set()
     for i, stage in enumerate(assign_stage_names(recipe.stages)):
         _check_stage(stage, f"stages[{i}]")
@@ -313,13 +365,14 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError(f"stages[{i}].name: {stage.name!r} is used twice; stage names must be unique")
         names.add(stage.name)
     kinds = [s.type for s in recipe.stages]
-    order = {"image_tokenizer": 0, "tokenizer": 1, "denoiser": 2}
+    order = {"image_tokenizer": 0, "tokenizer": 1, "vision_pretrain": 2, "denoiser": 3}
     for i in range(1, len(kinds)):
         if order[kinds[i]] < order[kinds[i - 1]]:
             raise RecipeError(
                 f"stages[{i}].type: {kinds[i]!r} after {kinds[i - 1]!r}; stages run in the order "
-                "image_tokenizer, tokenizer, denoiser"
+                "image_tokenizer, tokenizer, vision_pretrain, denoiser"
             )
+    _check_vision_sources(recipe, kinds)
     if not recipe.data.sources and any(k != "tokenizer" for k in kinds):
         raise RecipeError("data.sources: empty; a training stage needs at least one data source")
     if recipe.model.init_from is not None and any(k in ("image_tokenizer", "tokenizer") for k in kinds):
@@ -336,6 +389,27 @@ def validate(recipe: Recipe) -> Recipe:
             "image_tokenizer stage), not both"
         )
     return recipe
+
+
+def _check_vision_sources(recipe: Recipe, kinds: list[str]) -> None:
+    """A vision tower starts from one place: a vision_pretrain stage, ``vision_tower_from``, or ``init_from``."""
+    m = recipe.model
+    if kinds.count("vision_pretrain") > 1:
+        raise RecipeError("stages: more than one vision_pretrain stage; the denoiser starts from one tower")
+    if "vision_pretrain" in kinds:
+        if not m.vision_tower:
+            raise RecipeError("model.vision_tower: a vision_pretrain stage pretrains the vision tower; set one")
+        if "denoiser" not in kinds:
+            raise RecipeError("stages: a vision_pretrain stage needs a denoiser stage after it to use its tower")
+        for key in ("init_from", "vision_tower_from"):
+            if getattr(m, key) is not None:
+                raise RecipeError(f"model.{key}: the recipe also has a vision_pretrain stage; the tower comes from "
+                                  "one place, so drop one of them")
+    if m.vision_tower_from is not None:
+        if m.init_from is not None:
+            raise RecipeError("model.vision_tower_from: init_from already brings its own tower; drop one of them")
+        if not m.vision_tower:
+            raise RecipeError("model.vision_tower_from: set model.vision_tower to the copied tower's config too")
 
 
 def _check_vq_fields(vq: dict[str, Any]) -> None:

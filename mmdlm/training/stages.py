@@ -1,5 +1,5 @@
-"""Run a recipe's stages in order — VQ image tokenizer, BPE tokenizer, denoiser(s) — each skipped when its output
-folder already exists, each resumable from its atomic checkpoints."""
+"""Run a recipe's stages in order — VQ image tokenizer, BPE tokenizer, vision-tower pretraining, denoiser(s) — each
+skipped when its output folder already exists, each resumable from its atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpointing import remove_leftovers
-from .denoiser_stage import _denoiser_stage, _initial_model, _load_model
+from .denoiser_stage import _denoiser_stage, _fresh_model, _initial_model, _load_model, _resolve_tokenizers
 from .mixture import build_mixture
 from .plots import MetricsLog
-from .recipe import ImageTokenizerStage, Recipe, TokenizerStage, assign_stage_names
+from .recipe import ImageTokenizerStage, Recipe, TokenizerStage, VisionPretrainStage, assign_stage_names
 # RunContext, StageStopped and ROLE_TEXTS are also importable from here, where they lived before their own modules.
 from .run_context import RunContext, StageStopped  # noqa: F401
 from .tokenizer_stages import ROLE_TEXTS, _image_tokenizer_stage, _tokenizer_stage  # noqa: F401
@@ -24,6 +24,25 @@ def _accelerator(cpu: bool):
 
     # Each stage sets find_unused_parameters on this handler before its model is wrapped.
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs()])
+
+
+def _vision_pretrain_stage(ctx: RunContext, stage: VisionPretrainStage, index: int, mixture, eval_examples,
+                           tokenizer, vq) -> Path:
+    """Train the recipe's vision tower under a small causal decoder (next-token prediction on the understanding
+    rows); returns the saved captioner's folder, whose tower the first denoiser stage starts from."""
+    import dataclasses
+
+    tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
+    m = dataclasses.replace(
+        ctx.recipe.model, hidden_size=stage.hidden_size, num_hidden_layers=stage.num_hidden_layers,
+        num_attention_heads=stage.num_attention_heads, num_key_value_heads=None, intermediate_size=None,
+        head_dim=None, is_causal=True, generation=None,
+    )
+    # The captioner draws nothing: it gets the image tokenizer only when its tower reads through the VQ's codes.
+    reads_codes = (m.vision_tower or {}).get("kind") == "vq"
+    start = partial(_fresh_model, m, ctx.recipe.seed, tokenizer, vq if reads_codes else None, index)
+    return _denoiser_stage(ctx, stage.as_denoiser_stage(), index, mixture, eval_examples, start,
+                           generation_overrides={})
 
 
 def train(recipe: Recipe, output_dir: Optional[str | Path] = None, resume: bool = False,
@@ -60,16 +79,19 @@ def train(recipe: Recipe, output_dir: Optional[str | Path] = None, resume: bool 
 
     tokenizer = vq = None
     final: Optional[Path] = None
+    tower: Optional[Path] = None
     try:
         for index, stage in enumerate(recipe.stages):
             if isinstance(stage, ImageTokenizerStage):
                 vq = _image_tokenizer_stage(ctx, stage, index, mixture)
             elif isinstance(stage, TokenizerStage):
                 tokenizer = _tokenizer_stage(ctx, stage, mixture, eval_examples)
+            elif isinstance(stage, VisionPretrainStage):
+                tower = _vision_pretrain_stage(ctx, stage, index, mixture, eval_examples, tokenizer, vq)
             else:
                 # A later denoiser stage continues from the previous one's saved model.
                 start = partial(_load_model, final) if final is not None else \
-                    partial(_initial_model, ctx, tokenizer, vq, index)
+                    partial(_initial_model, ctx, tokenizer, vq, index, tower_from=tower)
                 final = _denoiser_stage(ctx, stage, index, mixture, eval_examples, start)
     except StageStopped as e:
         ctx.log(f"stopped during stage {e.args[0]!r} as asked; continue with --resume")
