@@ -77,7 +77,8 @@ def test_tagged_unions_and_value_checks():
 def test_vision_pretrain_stage_checks():
     tower = {"kind": "vit", "image_size": 32}
     pre = {"type": "vision_pretrain", "steps": 2}
-    r = recipe_from_dict(_base(model={"vision_tower": tower}, stages=[{"type": "tokenizer"}, pre, {"type": "denoiser"}]))
+    stages = [{"type": "tokenizer"}, pre, {"type": "denoiser"}]
+    r = recipe_from_dict(_base(model={"vision_tower": tower}, stages=stages))
     stage = r.stages[1]
     assert stage.name == "vision_pretrain"
     as_denoiser = stage.as_denoiser_stage()
