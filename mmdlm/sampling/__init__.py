@@ -114,8 +114,8 @@ def generate(
     instead (:func:`mmdlm.sampling.autoregressive.generate_autoregressive`; only ``gen_length`` applies).
     Images are encoded once (``model.image_features(pixel_values)``); ``image_sizes`` is accepted for processor
     outputs and unused (the views already encode it). Options come from ``generation_config`` (or
-    ``model.generation_config``) and explicit ``kwargs`` win; ``max_new_tokens`` is an alias of ``gen_length``. Remaining kwargs go to the sampler
-    (e.g. ``generator``, ``callback``, ``logits_eos_inf``).
+    ``model.generation_config``) and explicit ``kwargs`` win; ``max_new_tokens`` is an alias of ``gen_length``.
+    Remaining kwargs go to the sampler (e.g. ``generator``, ``callback``, ``logits_eos_inf``).
     """
     config = resolve_generation_config(model, generation_config)
     if "max_new_tokens" in kwargs:
