@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--freeze-tower", action="store_true", help="do not train the vision tower")
     p.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
                    help="ar: the same model made causal and trained on next-token prediction (the AR twin's loss)")
+    p.add_argument("--ar-steps", type=int, default=0,
+                   help="diffusion: train the first N steps as a causal model with next-token prediction, then switch "
+                        "to bidirectional attention and the diffusion loss (AR-to-diffusion adaptation, as Dream)")
     p.add_argument("--weighting", choices=("elbo", "mean"), default=None,
                    help="diffusion loss weighting: elbo (1/t, LLaDA; the default) or mean (LaViDa, Dimple)")
     p.add_argument("--min-answer-length", type=int, default=0,
@@ -119,11 +122,14 @@ def main(argv=None) -> int:
     eps = {} if args.eps is None else {"eps": args.eps}
     start = time.perf_counter()
     for step in range(args.steps + 1):
+        objective = "ar" if step < args.ar_steps else args.objective
+        config.is_causal = objective == "ar"
         batch = collator(rng.sample(train, min(args.batch_size, len(train))))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = diffusion.compute_batch_loss(model, batch, objective=args.objective,
-                                              weighting=args.weighting,
-                                              padding_weight=args.padding_weight, **eps)["loss"]
+            loss = diffusion.compute_batch_loss(model, batch, objective=objective,
+                                              **({} if objective == "ar" else dict(
+                                                  weighting=args.weighting, padding_weight=args.padding_weight,
+                                                  **eps)))["loss"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -98,10 +98,10 @@ def shapes_tiny_available() -> bool:
     return (REPO / "mmdlm" / "weights" / "shapes-tiny" / "config.json").is_file()
 
 
-# The shipped shapes-tiny counts and locates objects but misses its VQA/caption targets (54% VQA, 1% exact captions;
+# The shipped shapes-tiny counts objects but misses its VQA/caption targets (57% VQA, 1% exact captions;
 # docs/shapes-tiny-eval.md): its answer/caption correctness tests are skipped, not weakened, until a model meets them.
 SHAPES_TINY_UNDERSTANDS = False
-SHAPES_TINY_DRAWS_SCENES = False  # it draws recognisable digits, but Shapes scenes only 4% all-correct
+SHAPES_TINY_DRAWS_SCENES = False  # it draws recognisable digits, but Shapes scenes only 5% all-correct
 
 
 @pytest.fixture(scope="session")
