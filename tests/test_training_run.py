@@ -149,6 +149,21 @@ def test_vision_pretrain_stage_hands_its_tower_to_the_denoiser(base, tmp_path):
     assert any(not torch.equal(fresh_tower[k], ours[k]) for k in ours)
 
 
+def test_a_next_token_stage_then_a_diffusion_stage(base, tmp_path):
+    """AR-to-diffusion adaptation: a stage with is_causal: true trains next-token prediction and saves a causal
+    model; the next stage, is_causal: false, continues from its weights with the diffusion loss."""
+    d = recipe_dict(steps=2)
+    first = dict(d["stages"][-1], name="ar", is_causal=True, loss={"objective": "ar"})
+    d["stages"] = d["stages"][:-1] + [first, dict(d["stages"][-1], is_causal=False)]
+    final = run(base, tmp_path / "ar2d", d)
+    assert json.loads((tmp_path / "ar2d" / "ar" / "config.json").read_text())["is_causal"] is True
+    assert json.loads((final / "config.json").read_text())["is_causal"] is False
+    # Without the second stage's override it would stay causal, which the diffusion loss refuses before training.
+    d["stages"][-1].pop("is_causal")
+    with pytest.raises(ValueError, match="is_causal: false on this stage"):
+        run(base, tmp_path / "refused", d)
+
+
 def test_vision_tower_from_copies_a_saved_tower_and_refuses_another_shape(base, straight, tmp_path):
     d = recipe_dict(steps=1, freeze=["vision_tower"])
     d["model"]["vision_tower_from"] = str(straight)

@@ -132,14 +132,15 @@ def _check_loss_options(stage: DenoiserStage, config: Any, path: str) -> None:
         raise ValueError(
             f"{path}.loss.objective: 'ar' (next-token prediction) needs a causal model, but this model is "
             "bidirectional (model.is_causal: false), so it would see each token it predicts; set model.is_causal: "
-            "true for the AR twin (see configs/ar-twin.yaml), or drop objective: ar to train the masked-diffusion "
-            "denoiser"
+            "true for the AR twin (see configs/ar-twin.yaml), is_causal: true on this stage for a next-token first "
+            "stage, or drop objective: ar to train the masked-diffusion denoiser"
         )
     if causal and objective != "ar":
         raise ValueError(
             f"{path}.loss.objective: the model is causal (model.is_causal: true) but the stage trains the "
             f"{objective!r} objective, which needs bidirectional attention; set loss: {{objective: ar}} for the AR "
-            "twin, or model.is_causal: false for the masked-diffusion denoiser"
+            "twin, or model.is_causal: false (is_causal: false on this stage, after a causal stage) for the "
+            "masked-diffusion denoiser"
         )
     options = {k: v for k, v in stage.loss.items()
                if k in inspect.signature(diffusion.validate_loss_options).parameters}
@@ -179,6 +180,8 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         eval_examples = [ex for ex in eval_examples if ex["task"] in stage.tasks]
     model, processor = start()
     config = model.config
+    if stage.is_causal is not None:
+        config.is_causal = stage.is_causal  # read at every forward; saved with this stage's model
     everything = [ex for ex in mixture.examples if stage.tasks is None or ex["task"] in stage.tasks]
     everything += eval_examples
     _check_capabilities(config, everything, path)

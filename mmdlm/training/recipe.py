@@ -193,7 +193,10 @@ class DenoiserStage:
     ``mmdlm.diffusion.compute_batch_loss``. ``bf16`` autocasts on GPUs that support it (CPU runs stay fp32).
     ``group_by_task`` draws each micro-batch from one task, which avoids padding short understanding rows to
     the length of t2i rows (cheaper on CPU). ``tasks`` restricts the stage to some of the mixture's tasks
-    (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them."""
+    (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them.
+    ``is_causal`` overrides the model's attention for this stage and the model it saves: ``true`` with
+    ``loss: {objective: ar}`` for a next-token first stage, then a bidirectional diffusion stage continues from it
+    (AR-to-diffusion adaptation, as Dream-7B starts from an AR model)."""
 
     type: Literal["denoiser"] = "denoiser"
     name: Optional[str] = None
@@ -216,6 +219,7 @@ class DenoiserStage:
     min_answer_length: int = 0
     group_by_task: bool = False
     tasks: Optional[list[str]] = None
+    is_causal: Optional[bool] = None
     bf16: bool = True
     bf16_cpu: bool = False
     log_every: int = 10
@@ -262,7 +266,7 @@ class VisionPretrainStage:
         """The same schedule as a :class:`DenoiserStage` that trains next-token prediction on understanding rows."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name in {g.name for g in dataclasses.fields(DenoiserStage)} and f.name != "type"}
-        return DenoiserStage(**shared, loss={"objective": "ar"}, tasks=["understanding"])
+        return DenoiserStage(**shared, loss={"objective": "ar"}, tasks=["understanding"], is_causal=True)
 
 
 Stage = Union[ImageTokenizerStage, TokenizerStage, VisionPretrainStage, DenoiserStage]
