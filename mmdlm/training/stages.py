@@ -4,6 +4,7 @@ skipped when its output folder already exists, each resumable from its atomic ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -30,8 +31,6 @@ def _vision_pretrain_stage(ctx: RunContext, stage: VisionPretrainStage, index: i
                            tokenizer, vq) -> Path:
     """Train the recipe's vision tower under a small causal decoder (next-token prediction on the understanding
     rows); returns the saved captioner's folder, whose tower the first denoiser stage starts from."""
-    import dataclasses
-
     tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
     m = dataclasses.replace(
         ctx.recipe.model, hidden_size=stage.hidden_size, num_hidden_layers=stage.num_hidden_layers,
