@@ -153,7 +153,8 @@ class MMDLMPipeline:
         seed: int | None = None,
         temperature: float = 1.0,
     ) -> Image.Image | list[Image.Image]:
-        """Draw ``prompt`` (or each prompt of a list) with MaskGIT decoding; ``seed`` makes it reproducible."""
+        """Draw ``prompt`` (or each prompt of a list) with MaskGIT decoding (a causal model, e.g. the AR twin, draws
+        code by code and ignores ``steps``); ``seed`` makes it reproducible."""
         prompts, batched = (list(prompt), True) if _is_batch(prompt) else ([prompt], False)
         images = self._generate_images(prompts, steps, guidance_scale, seed, temperature, callback=None)
         return images if batched else images[0]
@@ -367,6 +368,7 @@ class MMDLMPipeline:
     def _generate_images(self, prompts: list[str], steps: int | None, guidance_scale: float | None,
                          seed: int | None, temperature: float, callback: Callable | None) -> list[Image.Image]:
         """Sample image codes for each prompt and decode them; holds the lock unless called from a stream."""
+        from .sampling.autoregressive import generate_image_tokens_autoregressive
         from .sampling.maskgit import generate_image_tokens
 
         self._check_can_draw()
@@ -385,10 +387,17 @@ class MMDLMPipeline:
         with (self._lock if callback is None else contextlib.nullcontext()), torch.no_grad():
             calls = ForwardCounter(self.model)
             with calls:
-                codes = generate_image_tokens(
-                    self.model, self.processor.build_t2i_prompt([p.strip() for p in prompts]), h * w, steps=steps,
-                    guidance_scale=guidance_scale, temperature=temperature, generator=generator, callback=callback,
-                )
+                prompt_ids = self.processor.build_t2i_prompt([p.strip() for p in prompts])
+                if getattr(self.model.config, "is_causal", False):  # an AR twin draws code by code; steps unused
+                    codes = generate_image_tokens_autoregressive(
+                        self.model, prompt_ids, h * w, guidance_scale=guidance_scale, temperature=temperature,
+                        generator=generator, callback=callback,
+                    )
+                else:
+                    codes = generate_image_tokens(
+                        self.model, prompt_ids, h * w, steps=steps, guidance_scale=guidance_scale,
+                        temperature=temperature, generator=generator, callback=callback,
+                    )
             images = self.model.image_tokenizer.to_pil(self.model.image_tokenizer.decode(codes.view(-1, h, w)))
         passes = calls.count
         self.last_stats = GenerationStats(forward_passes=passes, tokens=h * w,

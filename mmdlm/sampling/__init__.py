@@ -16,11 +16,13 @@ from ..generation_config import MMDLMGenerationConfig
 from . import llada, maskgit
 from .llada import SamplerOutput, gumbel_argmax, num_transfer_tokens
 from .llada import generate as llada_generate
+from .autoregressive import generate_autoregressive, generate_image_tokens_autoregressive
 from .maskgit import cosine_schedule, generate_image_tokens, t2i_prompt_ids
 
 __all__ = [
     "GenerateOutput", "SamplerOutput", "generate", "llada", "llada_generate", "maskgit", "generate_image_tokens",
     "cosine_schedule", "t2i_prompt_ids", "num_transfer_tokens", "gumbel_argmax", "resolve_generation_config",
+    "generate_autoregressive", "generate_image_tokens_autoregressive",
 ]
 
 _CONFIG_KEYS = ("steps", "gen_length", "block_length", "temperature", "remasking", "cfg_scale")
@@ -62,8 +64,6 @@ def _fast_sampler():
 
 def _generate_causal(model, input_ids, attention_mask, sampler, pixel_values, image_features, gen_length,
                      callback) -> GenerateOutput:
-    from .autoregressive import generate_autoregressive
-
     if sampler is not None:
         raise ValueError(f"this model is causal (config.is_causal: an AR twin or a vision_pretrain captioner); it "
                          f"decodes greedily, not with the {sampler!r} diffusion sampler; leave sampler unset")

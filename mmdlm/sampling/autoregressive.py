@@ -1,12 +1,16 @@
-"""Greedy KV-cached decoding for the causal (``config.is_causal=True``) twin of the denoiser: the AR baseline
-that the diffusion samplers are compared against. Batched with left padding; rows stop at EOS independently."""
+"""KV-cached decoding for causal (``config.is_causal=True``) models, the AR twin of the denoiser that the
+diffusion samplers are compared against: greedy text (rows stop at EOS independently) and image codes drawn left
+to right. Batched with left padding."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .llada import Generator, rand_rows
 
 
 @dataclass
@@ -38,6 +42,18 @@ def _check_left_padded(attention_mask: torch.Tensor) -> None:
         )
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("a prompt row is all padding; every row needs at least one real token.")
+
+
+def _cache_buffers(cache: Sequence[tuple[torch.Tensor, torch.Tensor]], total: int) -> list:
+    """Preallocated [B, H, total, D] key/value buffers holding the prefill's cache, so that each later step writes
+    one slot instead of concatenating."""
+    kv = []
+    for k, v in cache:
+        kb = k.new_empty(k.shape[0], k.shape[1], total, k.shape[3])
+        vb = v.new_empty(v.shape[0], v.shape[1], total, v.shape[3])
+        kb[:, :, : k.shape[2]], vb[:, :, : v.shape[2]] = k, v
+        kv.append((kb, vb))
+    return kv
 
 
 @torch.no_grad()
@@ -102,13 +118,7 @@ def generate_autoregressive(
             res = model(inputs_embeds=embeds, attention_mask=am[rows, :cur], position_ids=pos[rows, :cur],
                         use_cache=use_cache, logits_to_keep=1)
             if use_cache:
-                # Preallocated buffers: later steps write one slot instead of concatenating.
-                kv = []
-                for k, v in res.cache:
-                    kb = k.new_empty(k.shape[0], k.shape[1], T, k.shape[3])
-                    vb = v.new_empty(v.shape[0], v.shape[1], T, v.shape[3])
-                    kb[:, :, :P], vb[:, :, :P] = k, v
-                    kv.append((kb, vb))
+                kv = _cache_buffers(res.cache, T)
         else:
             last = out[rows, cur - 1 : cur]
             res = model(inputs_embeds=embed(last), attention_mask=am[rows, :cur], position_ids=pos[rows, cur - 1 : cur],
@@ -132,3 +142,85 @@ def generate_autoregressive(
     if return_dict:
         return AutoregressiveOutput(sequences=out, nfe=nfe, nfe_per_row=nfe_per_row.cpu())
     return out
+
+
+@torch.no_grad()
+def generate_image_tokens_autoregressive(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]] | Sequence[torch.Tensor],
+    num_image_tokens: int,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    generator: Generator = None,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """Draw ``num_image_tokens`` image codes per prompt with a causal model, in raster order; returns [B, N] codes.
+
+    Each row is ``prompt <|soi|>`` (``prompt`` = :func:`~mmdlm.sampling.maskgit.t2i_prompt_ids`), left-padded, and
+    gets one prefill then one single-token forward per code. Code t is drawn from softmax(logits / temperature)
+    over the image codes only (argmax at temperature 0). ``guidance_scale`` w > 0 also runs the unconditional row
+    (``<|t2i|> BOS EOS <|soi|>``) and uses (1+w)·cond − w·uncond; it only helps a model trained with caption
+    dropout. ``callback(t, codes)`` gets [B, N] codes with −1 where not drawn yet. A list of generators (one per
+    row) makes each row's result independent of the batch.
+    """
+    from .maskgit import _left_pad, t2i_prompt_ids
+
+    config = model.config
+    if not getattr(config, "is_causal", False):
+        raise ValueError("generate_image_tokens_autoregressive needs a causal model (config.is_causal=True); a "
+                         "bidirectional denoiser draws with mmdlm.sampling.maskgit.generate_image_tokens.")
+    if not getattr(config, "can_draw_images", False):
+        raise ValueError("this model has no image tokenizer / codebook (config.can_draw_images is False); it cannot draw.")
+    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}.")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0 disables guidance), got {guidance_scale}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty; pass one tokenized prompt per image (t2i_prompt_ids(config, text)).")
+    N, soi = num_image_tokens, config.soi_token_id
+    if soi is None:
+        raise ValueError("model.config needs soi_token_id to draw.")
+    offset, codebook = config.image_token_offset, config.codebook_size
+    prompts = [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in prompt_ids]
+    rows = [p + [soi] for p in prompts]
+    if guidance_scale > 0:
+        rows += [t2i_prompt_ids(config, []) + [soi]] * len(prompts)
+    for i, r in enumerate(rows):
+        if len(r) + N > config.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(r) - 1} tokens; with {N} image tokens that exceeds "
+                             f"max_position_embeddings ({config.max_position_embeddings}). Shorten the prompt.")
+
+    device = next(model.parameters()).device
+    B = len(prompts)
+    pad_id = config.eos_token_id if getattr(config, "eos_token_id", None) is not None else 0
+    ids, am = _left_pad(rows, pad_id, device)
+    P = ids.shape[1]
+    am = torch.cat([am, torch.ones(am.shape[0], N, dtype=torch.long, device=device)], 1)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    res = model(input_ids=ids, attention_mask=am[:, :P], position_ids=pos[:, :P], use_cache=True, logits_to_keep=1)
+    kv = _cache_buffers(res.cache, P + N)
+    codes = torch.full((B, N), -1, dtype=torch.long, device=device)
+    for t in range(N):
+        logits = res.logits[:, -1, offset : offset + codebook].double()  # only image codes may follow <|soi|>
+        if guidance_scale > 0:
+            cond, un = logits.chunk(2)
+            logits = (1 + guidance_scale) * cond - guidance_scale * un
+        if temperature > 0:
+            gumbel = -torch.log(-torch.log(rand_rows((B, codebook), generator, device, torch.float64)))
+            nxt = (F.log_softmax(logits / temperature, dim=-1) + gumbel).argmax(-1)  # Gumbel-max: a multinomial draw
+        else:
+            nxt = logits.argmax(-1)
+        codes[:, t] = nxt
+        if callback is not None:
+            callback(t, codes.clone())
+        if t == N - 1:
+            break
+        cur = P + t  # the position of the code just drawn
+        token = (nxt + offset).repeat(2 if guidance_scale > 0 else 1)[:, None]
+        res = model(input_ids=token, attention_mask=am[:, : cur + 1], position_ids=pos[:, cur : cur + 1],
+                    cache=[(k[:, :, :cur], v[:, :, :cur]) for k, v in kv], use_cache=True, logits_to_keep=1)
+        for (kb, vb), (k, v) in zip(kv, res.cache):
+            kb[:, :, cur : cur + 1], vb[:, :, cur : cur + 1] = k, v
+    return codes

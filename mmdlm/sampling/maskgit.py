@@ -69,6 +69,10 @@ def generate_image_tokens(
     row) makes each row's result independent of the batch.
     """
     config = model.config
+    if getattr(config, "is_causal", False):
+        raise ValueError("MaskGIT decoding needs a bidirectional denoiser, and this model is causal (config.is_causal: "
+                         "an AR twin); draw with mmdlm.sampling.autoregressive.generate_image_tokens_autoregressive "
+                         "(the pipeline's generate_image picks it for causal models).")
     if not getattr(config, "can_draw_images", False):
         raise ValueError("this model has no image tokenizer / codebook (config.can_draw_images is False); it cannot draw.")
     if not isinstance(steps, int) or steps < 1:
