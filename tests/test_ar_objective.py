@@ -187,6 +187,7 @@ def test_ar_twin_recipe_is_shapes_tiny_with_causal_attention():
     expected["output_dir"] = twin["output_dir"]
     expected["model"].update(is_causal=True, image_tokenizer=None,
                              image_tokenizer_path=twin["model"]["image_tokenizer_path"])
+    expected["model"]["generation"]["guidance_scale"] = 0.0  # no caption dropout, so no unconditional branch
     expected["tokenizer"]["path"] = twin["tokenizer"]["path"]
     expected["stages"] = [s for s in expected["stages"] if s["type"] in ("vision_pretrain", "denoiser")]
     expected["stages"][-1]["loss"] = {"objective": "ar"}

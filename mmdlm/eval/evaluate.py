@@ -32,10 +32,11 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: bool = True, sampling: dict | None = None,
-                    seed: int = EVAL_SEED) -> tuple[dict, dict]:
+                    drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
     """VQA accuracy by question type, caption exact match / per-attribute accuracy, and drawing correctness on
-    ``n`` scenes of a Shapes split. Returns (metrics, samples for the report grids)."""
-    sampling = sampling or {}
+    ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler, ``drawing`` (``steps``,
+    ``guidance_scale``) to ``generate_image``. Returns (metrics, samples for the report grids)."""
+    sampling, drawing = sampling or {}, drawing or {}
     world = ShapesWorld(split, n, seed)
     samples = list(world)
     rng = random.Random(seed)
@@ -63,7 +64,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     if draw and getattr(pipe.model.config, "can_draw_images", False):
         drawn, draw_scores = [], []
         for i, chunk in enumerate(_batched(samples, batch_size)):
-            imgs = pipe.generate_image([s.caption for s in chunk], seed=seed + i)
+            imgs = pipe.generate_image([s.caption for s in chunk], seed=seed + i, **drawing)
             drawn += imgs
             draw_scores += [score_drawn_scene(img, s.scene) for img, s in zip(imgs, chunk)]
         metrics["t2i_all_correct"] = _mean([d["all_correct"] for d in draw_scores])
@@ -75,10 +76,11 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
 
 
 def evaluate_digits(pipe, n: int | None = None, *, batch_size: int = 32, draw: bool = True,
-                    sampling: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
+                    sampling: dict | None = None, drawing: dict | None = None,
+                    seed: int = EVAL_SEED) -> tuple[dict, dict]:
     """Digit recognition on the held-out digits (1500-1796) and recognisability of drawn digits, judged by a
-    classifier trained on the digits train split only."""
-    sampling = sampling or {}
+    classifier trained on the digits train split only (``sampling`` / ``drawing`` as in :func:`evaluate_shapes`)."""
+    sampling, drawing = sampling or {}, drawing or {}
     data = load_digit_images("test")[: n or None]
     correct = []
     for chunk in _batched(data, batch_size):
@@ -90,7 +92,7 @@ def evaluate_digits(pipe, n: int | None = None, *, batch_size: int = 32, draw: b
         labels = [i % 10 for i in range(len(data))]
         drawn = []
         for i, chunk in enumerate(_batched(labels, batch_size)):
-            drawn += pipe.generate_image([digit_caption(y) for y in chunk], seed=seed + i)
+            drawn += pipe.generate_image([digit_caption(y) for y in chunk], seed=seed + i, **drawing)
         metrics["drawn_digit_accuracy"] = DigitClassifier().fit().score(drawn, labels)
         report = {"drawn": drawn[:20], "prompts": [digit_caption(y) for y in labels[:20]]}
     return metrics, report
@@ -138,21 +140,23 @@ def save_grid(images: Sequence[Image.Image], labels: Sequence[str], path: Path, 
 
 
 def run_evaluation(pipe, *, splits: Sequence[str] = SPLITS, n: int = 200, batch_size: int = 32, draw: bool = True,
-                   sampling: dict | None = None, out_dir: str | Path | None = None) -> dict:
-    """Evaluate ``pipe`` on the chosen splits; write ``eval.json``, ``eval.md`` and PNG grids to ``out_dir``."""
+                   sampling: dict | None = None, drawing: dict | None = None,
+                   out_dir: str | Path | None = None) -> dict:
+    """Evaluate ``pipe`` on the chosen splits (``sampling``: text sampler options, ``drawing``: ``generate_image``
+    options); write ``eval.json``, ``eval.md`` and PNG grids to ``out_dir``."""
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown evaluation split(s) {sorted(unknown)}; choose from {SPLITS}.")
-    results: dict[str, Any] = {"sampling": sampling or {}, "splits": {}}
+    results: dict[str, Any] = {"sampling": sampling or {}, "drawing": drawing or {}, "splits": {}}
     reports = {}
     t0 = time.perf_counter()
     for split in splits:
         if split == "digits":
             results["splits"][split], reports[split] = evaluate_digits(pipe, n, batch_size=batch_size, draw=draw,
-                                                                       sampling=sampling)
+                                                                       sampling=sampling, drawing=drawing)
         else:
             results["splits"][split], reports[split] = evaluate_shapes(pipe, split, n, batch_size=batch_size,
-                                                                       draw=draw, sampling=sampling)
+                                                                       draw=draw, sampling=sampling, drawing=drawing)
     results["seconds"] = time.perf_counter() - t0
     if out_dir is not None:
         out = Path(out_dir)
@@ -182,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-draw", action="store_true", help="skip text-to-image evaluation")
     p.add_argument("--sampler", choices=["fast", "llada"], default=None, help="text sampler (default: model's config)")
+    p.add_argument("--image-steps", type=int, default=None, help="MaskGIT drawing steps (default: model's config)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance for drawing (default: model's config; 0 = off, e.g. for a model "
+                   "trained without caption dropout such as the AR twin)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for eval.json, eval.md and PNG grids")
     args = p.parse_args(argv)
@@ -189,8 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pipe = load(args.model, device=args.device)
     sampling = {"sampler": args.sampler} if args.sampler else {}
+    drawing = {k: v for k, v in (("steps", args.image_steps), ("guidance_scale", args.guidance_scale)) if v is not None}
     results = run_evaluation(pipe, splits=args.splits, n=args.n, batch_size=args.batch_size, draw=not args.no_draw,
-                             sampling=sampling, out_dir=args.out)
+                             sampling=sampling, drawing=drawing, out_dir=args.out)
     print(format_table(results))
     return 0
 

@@ -1,0 +1,76 @@
+"""`mmdlm eval` bookkeeping: an oracle that answers, captions and draws from the ground truth scores 100% (so the
+metrics can reach their targets), a deliberate error shows up in exactly its column, and drawing options reach
+``generate_image``."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from mmdlm.data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_caption, load_digit_images
+from mmdlm.data.shapes import CAPTION_PROMPT, ShapesWorld
+from mmdlm.eval.evaluate import EVAL_SEED, format_table, run_evaluation
+
+N = 8
+
+
+class OraclePipe:
+    """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
+    that question type wrongly. Records the drawing options it was given."""
+
+    def __init__(self, wrong_qtype=None):
+        self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
+        self.answers, self.renders, self.drawing = {}, {}, []
+        for split in ("test", "compositional"):
+            for s in ShapesWorld(split, N, EVAL_SEED):
+                key = s.image.tobytes()
+                self.answers[key, CAPTION_PROMPT] = s.caption
+                for qa in s.qas:
+                    self.answers[key, qa.question] = "wrong" if qa.qtype == wrong_qtype else qa.answer
+                self.renders[s.caption] = s.image
+        for img, label in load_digit_images("test"):
+            self.answers[img.tobytes(), DIGIT_QUESTION] = DIGIT_WORDS[label]
+            self.renders.setdefault(digit_caption(label), img)  # a real scan of each digit as its "drawing"
+
+    def answer(self, images, questions, **sampling):
+        questions = questions if isinstance(questions, list) else [questions] * len(images)
+        return [self.answers[img.tobytes(), q] for img, q in zip(images, questions)]
+
+    def caption(self, images, **sampling):
+        return self.answer(images, CAPTION_PROMPT)
+
+    def generate_image(self, prompts, seed=None, **drawing):
+        self.drawing.append(drawing)
+        return [self.renders[p] for p in prompts]
+
+
+def test_ground_truth_scores_full_marks_and_files_are_written(tmp_path):
+    pipe = OraclePipe()
+    results = run_evaluation(pipe, n=N, batch_size=3, drawing={"steps": 5, "guidance_scale": 0.0}, out_dir=tmp_path)
+    for split in ("test", "compositional"):
+        m = results["splits"][split]
+        assert m["vqa_accuracy"] == 1.0 and set(m["vqa_by_type"].values()) == {1.0}
+        assert m["caption_exact_match"] == 1.0 and set(m["caption_attribute_accuracy"].values()) == {1.0}
+        assert m["t2i_all_correct"] >= 0.99
+    digits = results["splits"]["digits"]
+    assert digits["digit_accuracy"] == 1.0 and digits["drawn_digit_accuracy"] >= 0.75
+    assert pipe.drawing and all(d == {"steps": 5, "guidance_scale": 0.0} for d in pipe.drawing)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["drawing"] == {"steps": 5, "guidance_scale": 0.0} and saved["splits"]["test"]["vqa_accuracy"] == 1.0
+    assert (tmp_path / "captions-test.png").is_file() and (tmp_path / "drawn-digits.png").is_file()
+    assert "| test | 100.0% | 100.0% |" in (tmp_path / "eval.md").read_text()
+
+
+def test_a_wrong_question_type_shows_in_its_column_only():
+    results = run_evaluation(OraclePipe(wrong_qtype="count"), splits=["test"], n=N, draw=False)
+    m = results["splits"]["test"]
+    assert m["vqa_by_type"]["count"] == 0.0
+    assert all(v == 1.0 for k, v in m["vqa_by_type"].items() if k != "count")
+    assert 0.0 < m["vqa_accuracy"] < 1.0 and m["caption_exact_match"] == 1.0
+    assert "t2i_all_correct" not in m
+    assert "count 0.0%" in format_table(results)
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="unknown evaluation split"):
+        run_evaluation(OraclePipe(), splits=["train"], n=N)
