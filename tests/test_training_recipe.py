@@ -108,12 +108,16 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
-                                  "experiments/shapes-tiny-vq"])
+                                  "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     assert r.stages[-1].type == "denoiser"
     if name == "ar-twin":
         assert r.model.is_causal
+    if name == "experiments/shapes-tiny-a2d":
+        ar, diffusion = r.stages[-2:]
+        assert (ar.is_causal, ar.loss, ar.tasks) == (True, {"objective": "ar"}, ["understanding"])
+        assert diffusion.is_causal is False and diffusion.loss["eps"] == 0.5
     if name == "shapes-tiny":
         m = r.model
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
