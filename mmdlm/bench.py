@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,7 +41,10 @@ TaskEval = Callable[[Any, Callable[..., torch.Tensor], argparse.Namespace], dict
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of ``mmdlm bench``."""
-    p = argparse.ArgumentParser(prog="mmdlm bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="mmdlm bench", description=__doc__,
+        epilog="Speed AND accuracy of each sampler on a trained model's tasks (Shapes VQA and captions, digits), with "
+        "the AR twin beside it: `mmdlm bench quality --help`.")
     p.add_argument("--quick", action="store_true", help="tiny model, gen 64 and 256, batch 1: < 1 minute on 2 CPU cores")
     p.add_argument("--settings", default=None, help=f"comma list from {list(SETTINGS)} (default: all; --quick: a subset)")
     p.add_argument("--gen-lengths", default=None, help="comma list of answer lengths (default 64,256,1024; --quick 64,256)")
@@ -319,7 +323,13 @@ def write_reports(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``mmdlm bench`` and ``benchmarks/bench_samplers.py``."""
+    """Entry point of ``mmdlm bench`` and ``benchmarks/bench_samplers.py``; ``mmdlm bench quality ...`` runs
+    :mod:`mmdlm.eval.sampler_quality` (the task half of the benchmark)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quality"]:
+        from .eval.sampler_quality import main as quality_main
+
+        return quality_main(argv[1:], prog="mmdlm bench quality")
     args = build_parser().parse_args(argv)
     result = run_benchmark(args)
     print("\n".join([HEADER] + [_row(r) for r in result["records"]]))

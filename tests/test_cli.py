@@ -54,6 +54,13 @@ def test_delegated_help(capsys, command):
     assert code == 0 and "usage:" in out and err == ""
 
 
+def test_bench_quality_is_the_task_half_of_the_benchmark(capsys):
+    code, out, err = run(capsys, "bench", "--help")
+    assert code == 0 and "mmdlm bench quality" in out
+    code, out, err = run(capsys, "bench", "quality", "--help")
+    assert code == 0 and out.startswith("usage: mmdlm bench quality") and "--ar-model" in out and err == ""
+
+
 def test_ask_json_matches_the_pipeline(capsys, tiny_model_dir, tiny_pipeline, example_images):
     image = str(example_images[0])
     code, out, err = run(capsys, "ask", image, "what color is the circle?", "--model", tiny_model_dir, "--device",

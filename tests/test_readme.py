@@ -214,6 +214,10 @@ def _parse_cli(argv: list[str]) -> None:
         from mmdlm.training import build_parser
 
         build_parser().parse_args(argv[1:])
+    elif argv[:2] == ["bench", "quality"]:
+        from mmdlm.eval.sampler_quality import build_parser
+
+        build_parser().parse_args(argv[2:])
     elif argv[0] == "bench":
         from mmdlm.bench import build_parser
 

@@ -150,9 +150,12 @@ def format_quality_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mmdlm.eval.sampler_quality``: the task half of the sampler benchmark."""
-    p = argparse.ArgumentParser(prog="python -m mmdlm.eval.sampler_quality", description=__doc__)
+def build_parser(prog: str = "python -m mmdlm.eval.sampler_quality") -> argparse.ArgumentParser:
+    """Options of ``mmdlm bench quality`` (= ``python -m mmdlm.eval.sampler_quality``)."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__,
+        epilog="example: mmdlm bench quality --model shapes-tiny --ar-model runs/ar-twin/model --n 24 --batch-size 8 "
+        "--out docs/benchmark")
     p.add_argument("--model", default="shapes-tiny")
     p.add_argument("--n", type=int, default=100, help="Shapes test scenes (one VQA + one caption each) and digits")
     p.add_argument("--batch-size", type=int, default=16)
@@ -161,7 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folder of a trained AR twin (configs/ar-twin.yaml) to run on the same items as one more row")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for sampler-quality.json and sampler-quality.md")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mmdlm.eval.sampler_quality") -> int:
+    """``mmdlm bench quality`` / ``python -m mmdlm.eval.sampler_quality``: the task half of the sampler benchmark."""
+    args = build_parser(prog).parse_args(argv)
     from .. import load
 
     pipe = load(args.model, device=args.device)
