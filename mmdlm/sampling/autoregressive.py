@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .llada import Generator, rand_rows
+from .maskgit import _left_pad, check_drawing_inputs, t2i_prompt_ids
 
 
 @dataclass
@@ -163,22 +164,11 @@ def generate_image_tokens_autoregressive(
     dropout. ``callback(t, codes)`` gets [B, N] codes with −1 where not drawn yet. A list of generators (one per
     row) makes each row's result independent of the batch.
     """
-    from .maskgit import _left_pad, t2i_prompt_ids
-
     config = model.config
     if not getattr(config, "is_causal", False):
         raise ValueError("generate_image_tokens_autoregressive needs a causal model (config.is_causal=True); a "
                          "bidirectional denoiser draws with mmdlm.sampling.maskgit.generate_image_tokens.")
-    if not getattr(config, "can_draw_images", False):
-        raise ValueError("this model has no image tokenizer / codebook (config.can_draw_images is False); it cannot draw.")
-    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}.")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (0 disables guidance), got {guidance_scale}.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty; pass one tokenized prompt per image (t2i_prompt_ids(config, text)).")
+    check_drawing_inputs(config, prompt_ids, num_image_tokens, guidance_scale, temperature)
     N, soi = num_image_tokens, config.soi_token_id
     if soi is None:
         raise ValueError("model.config needs soi_token_id to draw.")

@@ -46,6 +46,21 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), am.to(device)
 
 
+def check_drawing_inputs(config: Any, prompt_ids: Sequence, num_image_tokens: int, guidance_scale: float,
+                         temperature: float) -> None:
+    """The checks every image decoder shares; raises ``ValueError`` saying what to change."""
+    if not getattr(config, "can_draw_images", False):
+        raise ValueError("this model has no image tokenizer / codebook (config.can_draw_images is False); it cannot draw.")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0 disables guidance), got {guidance_scale}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}.")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty; pass one tokenized prompt per image (t2i_prompt_ids(config, text)).")
+
+
 @torch.no_grad()
 def generate_image_tokens(
     model: torch.nn.Module,
@@ -73,18 +88,9 @@ def generate_image_tokens(
         raise ValueError("MaskGIT decoding needs a bidirectional denoiser, and this model is causal (config.is_causal: "
                          "an AR twin); draw with mmdlm.sampling.autoregressive.generate_image_tokens_autoregressive "
                          "(the pipeline's generate_image picks it for causal models).")
-    if not getattr(config, "can_draw_images", False):
-        raise ValueError("this model has no image tokenizer / codebook (config.can_draw_images is False); it cannot draw.")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (0 disables guidance), got {guidance_scale}.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}.")
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty; pass one tokenized prompt per image (t2i_prompt_ids(config, text)).")
+    check_drawing_inputs(config, prompt_ids, num_image_tokens, guidance_scale, temperature)
     mask_id, N = config.mask_token_id, num_image_tokens
     if mask_id is None or config.soi_token_id is None or config.eoi_token_id is None:
         raise ValueError("model.config needs mask_token_id, soi_token_id and eoi_token_id to draw.")
