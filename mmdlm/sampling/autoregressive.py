@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .llada import Generator, rand_rows
-from .maskgit import _left_pad, check_drawing_inputs, t2i_prompt_ids
+from .maskgit import check_drawing_inputs, left_pad, t2i_prompt_ids
 
 
 @dataclass
@@ -185,7 +185,7 @@ def generate_image_tokens_autoregressive(
     device = next(model.parameters()).device
     B = len(prompts)
     pad_id = config.eos_token_id if getattr(config, "eos_token_id", None) is not None else 0
-    ids, am = _left_pad(rows, pad_id, device)
+    ids, am = left_pad(rows, pad_id, device)
     P = ids.shape[1]
     am = torch.cat([am, torch.ones(am.shape[0], N, dtype=torch.long, device=device)], 1)
     pos = (am.cumsum(-1) - 1).clamp(min=0)

@@ -36,7 +36,8 @@ def cosine_schedule(k: int, T: int, N: int) -> int:
     return unknown
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as a left-padded [B, L] id tensor and its attention mask."""
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     am = torch.zeros((len(rows), length), dtype=torch.long)
@@ -112,7 +113,7 @@ def generate_image_tokens(
     B = len(prompts)
     rows = [p + canvas for p in prompts] + ([uncond + canvas] * B if guidance_scale > 0 else [])
     pad_id = config.eos_token_id if getattr(config, "eos_token_id", None) is not None else 0
-    ids, am = _left_pad(rows, pad_id, device)
+    ids, am = left_pad(rows, pad_id, device)
     position_ids = (am.cumsum(-1) - 1).clamp(min=0)
     L = ids.shape[1]
     slots = torch.arange(L - N - 1, L - 1, device=device)  # image slots sit just before <|eoi|> in every row
