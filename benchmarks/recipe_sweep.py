@@ -1,0 +1,196 @@
+"""Train several variants of the shapes-tiny recipe side by side and evaluate each: a recipe sweep for one GPU.
+
+Each variant is the shipped recipe (or the AR-to-diffusion experiment) with a few denoiser-stage settings changed;
+all reuse one finished run's image tokenizer, text tokenizer and pretrained vision tower, so only the denoiser stages
+train. On one H200, six variants train concurrently in about 7 minutes (the same recipes take ~70 min each on 2 CPU
+cores). Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
+
+    python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
+    python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny    # train + evaluate all (GPU recommended)
+    python benchmarks/recipe_sweep.py --variants E-diffusion-only --deadline 3600 --cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+A2D = ROOT / "configs/experiments/shapes-tiny-a2d.yaml"
+SHIPPED = ROOT / "configs/shapes-tiny.yaml"
+REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
+
+# name -> (base recipe, AR-stage steps, last diffusion stage's steps, its lr, source weights). None keeps the base's.
+# Source weights are in the base's order: shapes caption, shapes vqa, shapes t2i, digits vqa+caption, digits t2i.
+VARIANTS: dict[str, tuple[Path, int | None, int | None, float | None, list[float] | None]] = {
+    "A-a2d": (A2D, None, None, None, None),
+    "B-a2d-lr2e-4": (A2D, None, None, 2e-4, None),
+    "C-ar3000": (A2D, 3000, 2200, 2e-4, None),
+    "C2-ar4500": (A2D, 4500, 1700, 2e-4, None),
+    "D-understand-heavy": (A2D, None, None, 2e-4, [3.0, 3.0, 2.0, 1.0, 1.0]),
+    "E-diffusion-only": (SHIPPED, None, None, None, None),
+    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
+}
+
+
+def variant_recipe(name: str, out_dir: Path) -> dict:
+    """The recipe of one variant, as a dict, writing its outputs to ``out_dir / name``."""
+    base, ar_steps, diff_steps, diff_lr, weights = VARIANTS[name]
+    recipe = copy.deepcopy(yaml.safe_load(base.read_text()))
+    recipe["output_dir"] = str(out_dir / name)
+    denoisers = [s for s in recipe["stages"] if s["type"] == "denoiser"]
+    if ar_steps is not None:
+        if not denoisers[0].get("is_causal"):
+            raise ValueError(f"{name}: AR steps given but {base.name} has no causal denoiser stage")
+        denoisers[0]["steps"] = ar_steps
+    if diff_steps is not None:
+        denoisers[-1]["steps"] = diff_steps
+    if diff_lr is not None:
+        denoisers[-1]["lr"] = diff_lr
+    if weights is not None:
+        sources = recipe["data"]["sources"]
+        if len(sources) != len(weights):
+            raise ValueError(f"{name}: {len(weights)} weights for {len(sources)} sources in {base.name}")
+        for src, w in zip(sources, weights):
+            src["weight"] = w
+    return recipe
+
+
+def write_recipes(names: list[str], out_dir: Path) -> dict[str, Path]:
+    """Write each variant's recipe to ``out_dir/recipes/NAME.yaml``; return their paths."""
+    folder = out_dir / "recipes"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        base = VARIANTS[name][0].relative_to(ROOT)
+        text = f"# recipe-sweep variant {name} (from {base}; written by benchmarks/recipe_sweep.py)\n"
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(text + yaml.safe_dump(variant_recipe(name, out_dir), sort_keys=False))
+    return paths
+
+
+def _tail(path: Path, n: int = 200) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].replace("\n", " | ").replace("\r", " ")
+    except OSError:
+        return ""
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, dict]:
+    """Train all variants concurrently, evaluate each one that finishes; return {name: status and eval summary}."""
+    out_dir = Path(args.out)
+    recipes = write_recipes(args.variants, out_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(args.threads), TQDM_MININTERVAL="5",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    t0 = time.time()
+    jobs: dict[str, dict] = {}
+    for name, recipe in recipes.items():
+        run_dir = out_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stage in REUSED_STAGES:  # the trainer skips a stage whose output folder exists
+            shutil.copytree(Path(args.reuse) / stage, run_dir / stage, dirs_exist_ok=True)
+        cmd = [sys.executable, "-m", "mmdlm.training", str(recipe)] + (["--cpu"] if args.cpu else [])
+        jobs[name] = {"phase": "train", "dir": run_dir, "start": time.time()}
+        jobs[name]["proc"] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(run_dir / "train.log", "w"),
+                                              stderr=subprocess.STDOUT)
+    device = "cpu" if args.cpu else args.device
+    last_report = 0.0
+    while any(j["proc"] is not None for j in jobs.values()):
+        now = time.time() - t0
+        for name, job in jobs.items():
+            proc = job["proc"]
+            if proc is None or proc.poll() is None:
+                continue
+            job[f"{job['phase']}_s"] = round(time.time() - job["start"], 1)
+            print(f"[{now:5.0f}s] {name}: {job['phase']} exited with {proc.returncode}", flush=True)
+            if job["phase"] == "train" and proc.returncode == 0:
+                cmd = [sys.executable, "-m", "mmdlm.cli", "eval", "--model", str(job["dir"] / "model"),
+                       "--splits", *args.splits, "--n", str(args.eval_n), "--batch-size", str(args.eval_batch_size),
+                       "--device", device,
+                       "--out", str(job["dir"] / "eval")]
+                job.update(phase="eval", start=time.time())
+                job["proc"] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(job["dir"] / "eval.log", "w"),
+                                               stderr=subprocess.STDOUT)
+            else:
+                if proc.returncode != 0:
+                    print(_tail(job["dir"] / f"{job['phase']}.log", 2000), flush=True)
+                job.update(phase="done" if proc.returncode == 0 else f"failed in {job['phase']}", proc=None)
+        if now > args.deadline:
+            for name, job in jobs.items():
+                if job["proc"] is not None:
+                    job["proc"].kill()
+                    job.update(phase=f"stopped by --deadline in {job['phase']}", proc=None)
+            break
+        if time.time() - last_report > 30:
+            last_report = time.time()
+            for name, job in jobs.items():
+                if job["proc"] is not None:
+                    print(f"[{now:5.0f}s] {name} {job['phase']}: {_tail(job['dir'] / (job['phase'] + '.log'))}",
+                          flush=True)
+        time.sleep(2)
+    summary = {}
+    for name, job in jobs.items():
+        report = job["dir"] / "eval" / "eval.json"
+        summary[name] = {"status": job["phase"], "train_s": job.get("train_s"), "eval_s": job.get("eval_s"),
+                         "eval": json.loads(report.read_text()) if report.exists() else None}
+    return summary
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    """A Markdown table: one row per variant, the test split's headline metrics and digits."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    rows = ["| variant | status | train s | VQA | caption EM | t2i all-correct | digit acc | drawn digit acc |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        splits = (s["eval"] or {}).get("splits", {})
+        test, digits = splits.get("test", {}), splits.get("digits", {})
+        rows.append(f"| {name} | {s['status']} | {s['train_s'] or '-'} | {pct(test.get('vqa_accuracy'))} | "
+                    f"{pct(test.get('caption_exact_match'))} | {pct(test.get('t2i_all_correct'))} | "
+                    f"{pct(digits.get('digit_accuracy'))} | {pct(digits.get('drawn_digit_accuracy'))} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="variants:\n" + "\n".join(f"  {n}" for n in VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--reuse", default="runs/shapes-tiny",
+                   help="finished run whose image_tokenizer, tokenizer and vision_pretrain folders are reused")
+    p.add_argument("--out", default="runs/sweep", help="folder for the recipes, runs and summary")
+    p.add_argument("--deadline", type=float, default=3600.0, help="seconds; variants still running are stopped")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
+    p.add_argument("--splits", nargs="+", default=["test", "digits"])
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda", help="evaluation device (training picks the GPU if there is one)")
+    p.add_argument("--cpu", action="store_true", help="train and evaluate on the CPU")
+    p.add_argument("--write-only", action="store_true", help="write the variant recipes and stop")
+    args = p.parse_args(argv)
+    if args.write_only:
+        for path in write_recipes(args.variants, Path(args.out)).values():
+            print(path)
+        return
+    missing = [s for s in REUSED_STAGES if not (Path(args.reuse) / s).is_dir()]
+    if missing:
+        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml first "
+                "(or point --reuse at a finished run)")
+    summary = run_sweep(args)
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+    table = summary_table(summary)
+    Path(args.out, "summary.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

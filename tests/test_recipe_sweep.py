@@ -1,0 +1,55 @@
+"""benchmarks/recipe_sweep.py writes valid recipes that differ from their base only where a variant says."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mmdlm.training.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("recipe_sweep", ROOT / "benchmarks" / "recipe_sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+def _unweighted(source):
+    return dataclasses.replace(source, weight=1.0)
+
+
+def test_every_variant_is_a_valid_recipe_that_can_reuse_the_shipped_stages(tmp_path):
+    paths = sweep.write_recipes(list(sweep.VARIANTS), tmp_path)
+    shipped = load_recipe(sweep.SHIPPED)
+    for name, path in paths.items():
+        r = load_recipe(path)
+        assert r.output_dir == str(tmp_path / name)
+        # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
+        assert r.stages[:3] == shipped.stages[:3], name
+        assert r.model == shipped.model and r.seed == shipped.seed, name
+        assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in shipped.data.sources], name
+
+
+def test_variant_overrides_land_on_the_right_stage(tmp_path):
+    c = load_recipe(sweep.write_recipes(["C-ar3000"], tmp_path)["C-ar3000"])
+    ar, diffusion = c.stages[-2:]
+    assert (ar.is_causal, ar.steps, ar.lr) == (True, 3000, 8e-4)
+    assert (diffusion.is_causal, diffusion.steps, diffusion.lr) == (False, 2200, 2e-4)
+    r = load_recipe(sweep.write_recipes(["R-ar1000-t2i57"], tmp_path)["R-ar1000-t2i57"])
+    assert [s.weight for s in r.data.sources] == [1.2, 1.2, 3.0, 0.6, 1.0]
+    assert (r.stages[-2].steps, r.stages[-1].steps, r.stages[-1].lr) == (1000, 2650, 8e-4)
+
+
+def test_ar_steps_on_a_recipe_without_a_causal_stage_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sweep.VARIANTS, "bad", (sweep.SHIPPED, 100, None, None, None))
+    with pytest.raises(ValueError, match="no causal denoiser stage"):
+        sweep.variant_recipe("bad", tmp_path)
+
+
+def test_summary_table_reads_eval_reports():
+    report = {"splits": {"test": {"vqa_accuracy": 0.5, "caption_exact_match": 0.25, "t2i_all_correct": 0.0},
+                         "digits": {"digit_accuracy": 1.0, "drawn_digit_accuracy": 0.9}}}
+    table = sweep.summary_table({"v": {"status": "done", "train_s": 12.0, "eval": report},
+                                 "w": {"status": "failed in train", "train_s": None, "eval": None}})
+    assert "| v | done | 12.0 | 50% | 25% | 0% | 100% | 90% |" in table
+    assert "| w | failed in train | - | - | - | - | - | - |" in table
