@@ -26,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 A2D = ROOT / "configs/experiments/shapes-tiny-a2d.yaml"
+DIFFUSION_ONLY = ROOT / "configs/experiments/shapes-tiny-diffusion-only.yaml"  # shipped recipe until 2026-11-27
 SHIPPED = ROOT / "configs/shapes-tiny.yaml"
 REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
 
@@ -37,8 +38,8 @@ VARIANTS: dict[str, tuple[Path, int | None, int | None, float | None, list[float
     "C-ar3000": (A2D, 3000, 2200, 2e-4, None),
     "C2-ar4500": (A2D, 4500, 1700, 2e-4, None),
     "D-understand-heavy": (A2D, None, None, 2e-4, [3.0, 3.0, 2.0, 1.0, 1.0]),
-    "E-diffusion-only": (SHIPPED, None, None, None, None),
-    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
+    "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
+    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),  # = configs/shapes-tiny.yaml now
 }
 
 

@@ -178,10 +178,14 @@ def test_training_run_passes_the_ar_objective_through(tmp_path, monkeypatch):
 
 
 def test_ar_twin_recipe_is_shapes_tiny_with_causal_attention():
-    twin, base = load_recipe(CONFIGS / "ar-twin.yaml").to_dict(), load_recipe(CONFIGS / "shapes-tiny.yaml").to_dict()
+    twin = load_recipe(CONFIGS / "ar-twin.yaml").to_dict()
+    base = load_recipe(CONFIGS / "experiments" / "shapes-tiny-diffusion-only.yaml").to_dict()
     assert twin["model"]["is_causal"] and twin["stages"][-1]["loss"] == {"objective": "ar"}
-    assert twin["tokenizer"]["path"] == str(Path(base["output_dir"]) / "tokenizer")
-    assert twin["model"]["image_tokenizer_path"] == str(Path(base["output_dir"]) / "image_tokenizer")
+    # It reuses the shipped run's tokenizers, whose stages are the same in both recipes.
+    shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
+    assert shipped.stages[:2] == load_recipe(CONFIGS / "experiments" / "shapes-tiny-diffusion-only.yaml").stages[:2]
+    assert twin["tokenizer"]["path"] == str(Path(shipped.output_dir) / "tokenizer")
+    assert twin["model"]["image_tokenizer_path"] == str(Path(shipped.output_dir) / "image_tokenizer")
     # Everything else matches: the two models differ only in attention and objective.
     expected = copy.deepcopy(base)
     expected["output_dir"] = twin["output_dir"]

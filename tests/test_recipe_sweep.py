@@ -41,7 +41,7 @@ def test_variant_overrides_land_on_the_right_stage(tmp_path):
 
 
 def test_ar_steps_on_a_recipe_without_a_causal_stage_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sweep.VARIANTS, "bad", (sweep.SHIPPED, 100, None, None, None))
+    monkeypatch.setitem(sweep.VARIANTS, "bad", (sweep.DIFFUSION_ONLY, 100, None, None, None))
     with pytest.raises(ValueError, match="no causal denoiser stage"):
         sweep.variant_recipe("bad", tmp_path)
 
@@ -53,3 +53,11 @@ def test_summary_table_reads_eval_reports():
                                  "w": {"status": "failed in train", "train_s": None, "eval": None}})
     assert "| v | done | 12.0 | 50% | 25% | 0% | 100% | 90% |" in table
     assert "| w | failed in train | - | - | - | - | - | - |" in table
+
+
+def test_variant_r_is_the_shipped_recipe_and_e_the_previous_one(tmp_path):
+    for name, recipe in (("R-ar1000-t2i57", sweep.SHIPPED), ("E-diffusion-only", sweep.DIFFUSION_ONLY)):
+        written = load_recipe(sweep.write_recipes([name], tmp_path)[name]).to_dict()
+        expected = load_recipe(recipe).to_dict()
+        written.pop("output_dir"), expected.pop("output_dir")
+        assert written == expected, name

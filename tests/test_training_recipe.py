@@ -108,7 +108,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
-                                  "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d"])
+                                  "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
+                                  "experiments/shapes-tiny-diffusion-only"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     assert r.stages[-1].type == "denoiser"
@@ -123,5 +124,8 @@ def test_bundled_recipes_load(name):
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
         assert m.vision_tower["pool_grid"] == 3 and m.image_tokenizer["codebook_size"] == 512
         assert r.stages[-1].loss == {"cfg_dropout": 0.1, "padding_weight": "row", "eps": 0.5}
-        assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "vision_pretrain", "denoiser"]
+        assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "vision_pretrain", "denoiser", "denoiser"]
+        ar, diffusion = r.stages[-2:]  # AR-to-diffusion: a causal next-token stage on the understanding rows first
+        assert (ar.is_causal, ar.loss, ar.tasks) == (True, {"objective": "ar"}, ["understanding"])
+        assert diffusion.is_causal is False and diffusion.tasks is None
         assert r.stages[-1].freeze == ["vision_tower"]
