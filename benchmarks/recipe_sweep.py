@@ -1,8 +1,8 @@
 """Train several variants of the shapes-tiny recipe side by side and evaluate each: a recipe sweep for one GPU.
 
-Each variant is the shipped recipe (or the AR-to-diffusion experiment) with a few denoiser-stage settings changed;
+Each variant is the diffusion-only recipe or the AR-to-diffusion experiment with a few denoiser-stage settings changed;
 all reuse one finished run's image tokenizer, text tokenizer and pretrained vision tower, so only the denoiser stages
-train. On one H200, six variants train concurrently in about 7 minutes (the same recipes take ~70 min each on 2 CPU
+train. On one H200, six variants train concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU
 cores). Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
