@@ -20,7 +20,7 @@ class OraclePipe:
 
     def __init__(self, wrong_qtype=None):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
-        self.answers, self.renders, self.drawing = {}, {}, []
+        self.answers, self.renders, self.drawing, self.sampling = {}, {}, [], []
         for split in ("test", "compositional"):
             for s in ShapesWorld(split, N, EVAL_SEED):
                 key = s.image.tobytes()
@@ -33,11 +33,12 @@ class OraclePipe:
             self.renders.setdefault(digit_caption(label), img)  # a real scan of each digit as its "drawing"
 
     def answer(self, images, questions, **sampling):
+        self.sampling.append(sampling)
         questions = questions if isinstance(questions, list) else [questions] * len(images)
         return [self.answers[img.tobytes(), q] for img, q in zip(images, questions)]
 
     def caption(self, images, **sampling):
-        return self.answer(images, CAPTION_PROMPT)
+        return self.answer(images, CAPTION_PROMPT, **sampling)
 
     def generate_image(self, prompts, seed=None, **drawing):
         self.drawing.append(drawing)
@@ -74,3 +75,14 @@ def test_a_wrong_question_type_shows_in_its_column_only():
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="unknown evaluation split"):
         run_evaluation(OraclePipe(), splits=["train"], n=N)
+
+
+def test_cli_sampler_options_reach_the_pipeline(monkeypatch, capsys):
+    import mmdlm
+    from mmdlm.eval.evaluate import main
+
+    pipe = OraclePipe()
+    monkeypatch.setattr(mmdlm, "load", lambda model, device=None: pipe)
+    main(["--splits", "test", "--n", str(N), "--no-draw", "--steps", "8", "--block-length", "4", "--threshold", "0.5"])
+    assert pipe.sampling and all(s == {"steps": 8, "block_length": 4, "threshold": 0.5} for s in pipe.sampling)
+    assert "| test | 100.0% | 100.0% |" in capsys.readouterr().out

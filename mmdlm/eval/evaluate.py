@@ -186,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-draw", action="store_true", help="skip text-to-image evaluation")
     p.add_argument("--sampler", choices=["fast", "llada"], default=None, help="text sampler (default: model's config)")
+    p.add_argument("--steps", type=int, default=None, help="text denoising steps (default: model's config)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="text block length; smaller blocks decode more left to right (default: model's config)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="fast sampler's confidence threshold for parallel commits (default: model's config)")
     p.add_argument("--image-steps", type=int, default=None, help="MaskGIT drawing steps (default: model's config)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance for drawing (default: model's config; 0 = off, e.g. for a model "
@@ -196,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .. import load
 
     pipe = load(args.model, device=args.device)
-    sampling = {"sampler": args.sampler} if args.sampler else {}
+    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("block_length", args.block_length),
+                                  ("threshold", args.threshold)) if v is not None}
     drawing = {k: v for k, v in (("steps", args.image_steps), ("guidance_scale", args.guidance_scale)) if v is not None}
     results = run_evaluation(pipe, splits=args.splits, n=args.n, batch_size=args.batch_size, draw=not args.no_draw,
                              sampling=sampling, drawing=drawing, out_dir=args.out)
