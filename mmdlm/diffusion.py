@@ -181,6 +181,7 @@ def validate_loss_options(
     eps: float = EPS,
     antithetic: bool = False,
     padding_weight: str = "token",
+    ar_fraction: float = 0.0,
 ) -> None:
     """Check a combination of :func:`compute_batch_loss` options; raises ``ValueError`` saying what to change.
 
@@ -195,6 +196,9 @@ def validate_loss_options(
         )
     if not 0.0 <= cfg_dropout <= 1.0:
         raise ValueError(f"cfg_dropout is a probability in [0, 1], got {cfg_dropout}.")
+    if not 0.0 <= ar_fraction <= 1.0:
+        raise ValueError(f"ar_fraction is a probability in [0, 1] (the share of text/understanding batches trained "
+                         f"with next-token prediction), got {ar_fraction}.")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps is the least masking ratio, in (0, 1] (LLaDA: 1e-3), got {eps}.")
     if padding_weight not in ("token", "row"):
@@ -204,7 +208,8 @@ def validate_loss_options(
         _check_options("sft", "elbo" if weighting is None else weighting)
         return
     misplaced = {"weighting": weighting is not None, "cfg_dropout": cfg_dropout > 0, "eps": eps != EPS,
-                 "antithetic": bool(antithetic), "padding_weight": padding_weight != "token"}
+                 "antithetic": bool(antithetic), "padding_weight": padding_weight != "token",
+                 "ar_fraction": ar_fraction > 0}
     for name, is_set in misplaced.items():
         if is_set:
             raise ValueError(
@@ -224,17 +229,20 @@ def _task_weights(task_weights: Optional[dict[Any, float]]) -> dict[str, float]:
 
 
 def _next_token_ce(
-    model: torch.nn.Module, input_ids: torch.Tensor, am: torch.Tensor, targets: torch.Tensor, pixel_values: Any
+    model: torch.nn.Module, input_ids: torch.Tensor, am: torch.Tensor, targets: torch.Tensor, pixel_values: Any,
+    is_causal: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-target CE of next-token prediction: the logits at position i score token i + 1, for every target i + 1
-    whose predecessor i is a real token. Returns ``(ce, rows, logits)`` with ``rows`` the batch row of each CE."""
+    whose predecessor i is a real token (``is_causal=True`` makes a bidirectional model attend causally for it).
+    Returns ``(ce, rows, logits)`` with ``rows`` the batch row of each CE."""
     predicts = torch.zeros_like(targets)
     predicts[:, :-1] = targets[:, 1:] & am[:, :-1]
     idx, valid = _logit_positions(predicts)
     position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
     images = {} if pixel_values is None else {"pixel_values": pixel_values}
     logits = model(
-        input_ids=input_ids, attention_mask=am.long(), position_ids=position_ids, logits_to_keep=idx, **images
+        input_ids=input_ids, attention_mask=am.long(), position_ids=position_ids, logits_to_keep=idx,
+        is_causal=is_causal, **images
     ).logits
     labels = input_ids.gather(1, (idx + 1).clamp(max=input_ids.shape[1] - 1))
     rows = valid.nonzero(as_tuple=True)[0]
@@ -254,6 +262,7 @@ def compute_batch_loss(
     cfg_dropout: float = 0.0,
     eps: float = EPS,
     antithetic: bool = False,
+    ar_fraction: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> dict[str, torch.Tensor]:
     """One forward pass and the mixed loss of a collated batch of text, understanding and t2i rows.
@@ -270,6 +279,11 @@ def compute_batch_loss(
     predict token i + 1, and each task's loss is the mean CE over its rows' targets (``loss_mask`` at i + 1; a
     target at position 0 has no predecessor and is skipped). ``p_mask`` is ignored; the masking options
     (``weighting``, ``cfg_dropout``, ``eps``, ``antithetic``) are errors with it (see :func:`validate_loss_options`).
+
+    ``ar_fraction`` r (diffusion objective): a batch with no t2i rows is, with probability r (drawn from
+    ``generator``), trained with next-token prediction under causal attention instead (the model attends causally
+    for that forward only), so a denoiser adapted from a causal model keeps practising what it learned; its
+    per-task losses are then reported as ``"<task>_ar"``. Batch by task (``group_by_task``) for it to apply.
 
     ``loss`` = Σ_task ``task_weights[task]`` · loss_task over the tasks present (weights keyed by name or id,
     default 1.0).
@@ -289,7 +303,7 @@ def compute_batch_loss(
     Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
     """
     validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic,
-                          padding_weight=padding_weight)
+                          padding_weight=padding_weight, ar_fraction=ar_fraction)
     weighting = "elbo" if weighting is None else weighting
     for key in ("input_ids", "attention_mask", "loss_mask", "task_ids"):
         if key not in batch:
@@ -319,13 +333,17 @@ def compute_batch_loss(
         pad = _padding(input_ids, False, getattr(config, "eos_token_id", None), None) & ~is_t2i
         targets = targets & ~pad
 
-    if objective == "ar":
-        ce, rows, logits = _next_token_ce(model, input_ids, am, targets, batch.get("pixel_values"))
+    # Drawn only when asked for, so ar_fraction=0 leaves the masking noise exactly as before.
+    use_ar = objective == "ar" or (ar_fraction > 0 and not bool(is_t2i.any())
+                                   and bool(_rand((1,), generator, device)[0] < ar_fraction))
+    if use_ar:
+        causal = None if objective == "ar" else True
+        ce, rows, logits = _next_token_ce(model, input_ids, am, targets, batch.get("pixel_values"), is_causal=causal)
     else:
         ce, rows, logits, p, (idx, valid) = _masked_ce(model, batch, config, input_ids, am, loss_mask, targets,
                                                        task_ids, is_t2i, cfg_dropout, eps, antithetic, generator)
     region = targets
-    if objective == "diffusion" and padding_weight == "row" and pad_counts_as_answer:
+    if not use_ar and padding_weight == "row" and pad_counts_as_answer:
         # Each pad weighs 1/n_pad of its row, so the row's whole padding counts as one answer token.
         eos = getattr(config, "eos_token_id", None)
         if eos is None:
@@ -346,13 +364,13 @@ def compute_batch_loss(
         if not bool(in_task.any()):
             continue
         keep = in_task[rows]
-        if task == TASK_T2I or objective == "ar":
+        if task == TASK_T2I or use_ar:
             loss = ce[keep].sum() / max(int(keep.sum()), 1)
         else:
             # Row ids within the task so that the SFT mean is over this task's rows only.
             local = torch.cumsum(in_task.long(), 0) - 1
             loss = _reduce(ce[keep], local[rows[keep]], p[in_task], region[in_task], "sft", weighting, None)
-        out[name] = loss
+        out[f"{name}_ar" if use_ar and objective != "ar" else name] = loss
         total = total + weights[name] * loss
     out["loss"] = total
     return out

@@ -260,8 +260,10 @@ class MMDLMModel(MMDLMPreTrainedModel):
         cache: Optional[KVCache] = None,
         use_cache: bool = False,
         image_features: Optional[torch.Tensor] = None,
+        is_causal: Optional[bool] = None,
     ) -> tuple[torch.Tensor, Optional[KVCache]]:
-        """Run the transformer; returns (final hidden states [B, L, d], per-layer (k, v) of these positions)."""
+        """Run the transformer; returns (final hidden states [B, L, d], per-layer (k, v) of these positions).
+        ``is_causal`` overrides ``config.is_causal`` for this call (a denoiser trained partly with next-token loss)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -279,7 +281,8 @@ class MMDLMModel(MMDLMPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + L, device=inputs_embeds.device)[None].expand(B, L)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = build_attention_mask(attention_mask, B, L, past_len, self.config.is_causal, inputs_embeds.device)
+        causal = self.config.is_causal if is_causal is None else is_causal
+        mask = build_attention_mask(attention_mask, B, L, past_len, causal, inputs_embeds.device)
         x, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             x, present = layer(x, cos, sin, mask, cache[i] if cache else None)
@@ -293,8 +296,9 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
 
     ``forward`` accepts ``input_ids`` or ``inputs_embeds``, a 2-D key-padding ``attention_mask``,
     ``position_ids``, ``pixel_values`` (or precomputed ``image_features``), ``cache`` (per-layer (key, value) pairs) for cached
-    prefix/suffix keys, and ``logits_to_keep``: an int (last k positions) or a LongTensor [B, K] of positions
-    where logits are wanted (samplers ask only for still-masked slots).
+    prefix/suffix keys, ``logits_to_keep``: an int (last k positions) or a LongTensor [B, K] of positions
+    where logits are wanted (samplers ask only for still-masked slots), and ``is_causal`` to override
+    ``config.is_causal`` for one call.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -333,6 +337,7 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
         cache: Optional[KVCache] = None,
         use_cache: bool = False,
         logits_to_keep: Optional[int | torch.Tensor] = None,
+        is_causal: Optional[bool] = None,
         **kwargs: Any,
     ) -> MMDLMOutput:
         kwargs.pop("image_sizes", None)  # carried by the processor for anyres; the views already encode it
@@ -351,6 +356,7 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             image_features=image_features,
+            is_causal=is_causal,
         )
         if logits_to_keep is not None:
             if isinstance(logits_to_keep, int):

@@ -215,3 +215,60 @@ def test_generate_decodes_a_causal_model_greedily():
         generate(model, ids, sampler="fast", gen_length=6)
     with pytest.raises(ValueError, match="streaming"):
         generate(model, ids, gen_length=6, callback=lambda *a: None)
+
+
+# --- ar_fraction: next-token batches inside the diffusion stage of an AR-to-diffusion denoiser -----------------
+
+def test_is_causal_override_is_exactly_the_other_attention():
+    bidirectional, causal = tiny_model(is_causal=False).eval(), tiny_model(is_causal=True).eval()  # same weights
+    ids = torch.tensor([[BOS, 10, 11, 12, 20, EOS]])
+    with torch.no_grad():
+        b, c = bidirectional(input_ids=ids).logits, causal(input_ids=ids).logits
+        assert not torch.allclose(b, c)  # the override below has something to change
+        assert torch.allclose(bidirectional(input_ids=ids, is_causal=True).logits, c, atol=1e-6)
+        assert torch.allclose(causal(input_ids=ids, is_causal=False).logits, b, atol=1e-6)
+        assert torch.equal(bidirectional(input_ids=ids).logits, b)  # the config still rules without it
+
+
+def test_ar_fraction_one_trains_a_text_batch_with_the_causal_next_token_loss():
+    batch = batch_of([([BOS, 10, 11, 12, 20, EOS, EOS, EOS], [0, 0, 1, 1, 1, 1, 0, 0], [1] * 8, 0)])
+    out = compute_batch_loss(tiny_model(is_causal=False), batch, ar_fraction=1.0, padding_weight="row", eps=0.5,
+                             generator=torch.Generator().manual_seed(0))
+    ref = compute_batch_loss(tiny_model(is_causal=True), batch, objective="ar")
+    assert set(out) == {"text_ar", "loss"}  # reported apart from the diffusion loss, whose scale differs
+    assert out["text_ar"].item() == pytest.approx(ref["text"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+
+
+def test_ar_fraction_leaves_drawing_batches_to_diffusion_and_mixes_text_batches_at_its_rate():
+    model = tiny_model(is_causal=False)
+    drawing = hand_batch()  # has a t2i row: always masked diffusion, with the same noise as ar_fraction=0
+    for seed in range(3):
+        a = compute_batch_loss(model, drawing, ar_fraction=1.0, generator=torch.Generator().manual_seed(seed))
+        b = compute_batch_loss(model, drawing, generator=torch.Generator().manual_seed(seed))
+        assert set(a) == set(b) == {"text", "t2i", "loss"} and torch.equal(a["loss"], b["loss"])
+    text = batch_of([([BOS, 10, 11, 12, 20, EOS, EOS, EOS], [0, 0, 1, 1, 1, 1, 0, 0], [1] * 8, 0)])
+    ar = sum("text_ar" in compute_batch_loss(model, text, ar_fraction=0.25, generator=torch.Generator().manual_seed(s))
+             for s in range(200))
+    assert 30 <= ar <= 70  # Binomial(200, 0.25): mean 50, sd 6
+
+
+def test_ar_fraction_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"ar_fraction is a probability in \[0, 1\]"):
+        validate_loss_options(ar_fraction=1.5)
+    with pytest.raises(ValueError, match="ar_fraction is a masked-diffusion option"):
+        validate_loss_options("ar", ar_fraction=0.5)
+    bidirectional = SimpleNamespace(is_causal=False)
+    _check_loss_options(DenoiserStage(loss={"ar_fraction": 0.3, "eps": 0.5}), bidirectional, "stages[4]")
+    with pytest.raises(ValueError, match=r"stages\[4\]\.loss: ar_fraction is a probability"):
+        _check_loss_options(DenoiserStage(loss={"ar_fraction": -0.1}), bidirectional, "stages[4]")
+
+
+def test_a_diffusion_stage_with_ar_fraction_logs_both_losses_and_evaluates_diffusion_only(tmp_path):
+    train(recipe_from_dict(text_recipe(tmp_path, False, {"ar_fraction": 0.5, "eps": 0.5}, steps=16)),
+          output_dir=tmp_path, cpu=True)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    logged = {k for r in records if "eval_loss" not in r for k in r}
+    assert {"text", "text_ar"} <= logged  # both kinds of batch happened, each logged under its own name
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and not any(k.endswith("_ar") for r in evals for k in r)

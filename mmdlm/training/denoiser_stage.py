@@ -207,7 +207,8 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     trainer = StageTrainer(acc, model, stage, index, ctx.checkpoint_dir(stage), ctx.metrics, seed, groups,
                            betas=tuple(stage.betas), on_save=ctx.plot,
                            fingerprint=_config_fingerprint(config, processor.tokenizer),
-                           metric_keys=("loss", *TASK_IDS),
+                           # "<task>_ar": the next-token batches of a stage with loss.ar_fraction
+                           metric_keys=("loss", *TASK_IDS, *(f"{t}_ar" for t in TASK_IDS)),
                            # batches without images leave the vision tower and projector unused
                            find_unused_parameters=config.can_understand_images)
     if ctx.resume and trainer.resume_from_latest():
@@ -229,7 +230,10 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     def eval_fn(model) -> dict:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        eval_options = {**options, "cfg_dropout": 0.0} if "cfg_dropout" in options else options
+        # The same diffusion loss at every eval: no condition dropout, no next-token batches.
+        eval_options = {k: v for k, v in options.items() if k != "ar_fraction"}
+        if "cfg_dropout" in eval_options:
+            eval_options["cfg_dropout"] = 0.0
         for j, chunk in enumerate(eval_batches):
             batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in collator(chunk).items()}
             gen = torch.Generator().manual_seed(step_seed(seed, index, 1 << 40, j))  # same noise at every eval
