@@ -109,7 +109,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
                                   "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
-                                  "experiments/shapes-tiny-diffusion-only"])
+                                  "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
+                                  "experiments/shapes-tiny-continue-arfrac"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     assert r.stages[-1].type == "denoiser"
@@ -119,6 +120,12 @@ def test_bundled_recipes_load(name):
         ar, diffusion = r.stages[-2:]
         assert (ar.is_causal, ar.loss, ar.tasks) == (True, {"objective": "ar"}, ["understanding"])
         assert diffusion.is_causal is False and diffusion.loss["eps"] == 0.5
+    if name == "experiments/shapes-tiny-continue-arfrac":  # the control differs only in ar_fraction and folder
+        control = load_recipe(CONFIGS / "experiments" / "shapes-tiny-continue.yaml").to_dict()
+        mixed = r.to_dict()
+        assert mixed["stages"][-1]["loss"].pop("ar_fraction") == 0.5
+        control.pop("output_dir"), mixed.pop("output_dir")
+        assert mixed == control
     if name == "shapes-tiny":
         m = r.model
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
