@@ -300,7 +300,8 @@ def compute_batch_loss(
     one-word answer) "token" leaves the informative tokens ~1/30 of the loss; "row" still teaches the model to fill the
     canvas with EOS.
 
-    Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``.
+    Returns ``{"loss": total, "text" / "understanding" / "t2i": per-task loss (present tasks only)}``, with
+    ``"<task>_ar"`` keys instead for a batch that ``ar_fraction`` trained with next-token prediction.
     """
     validate_loss_options(objective, weighting=weighting, cfg_dropout=cfg_dropout, eps=eps, antithetic=antithetic,
                           padding_weight=padding_weight, ar_fraction=ar_fraction)
