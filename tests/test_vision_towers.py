@@ -170,6 +170,16 @@ def test_pool_grid_averages_patches_into_coarser_cells(x):
     assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, 9, 64)
 
 
+def test_pool_type_max_keeps_each_channels_peak(x):
+    full = create_vision_tower({**VIT, "select_layer": -1})
+    pooled = create_vision_tower({**VIT, "select_layer": -1, "pool_grid": 2, "pool_type": "max"})
+    pooled.load_state_dict(full.state_dict())
+    f = full(x).reshape(2, 4, 4, -1)
+    out = pooled(x)
+    torch.testing.assert_close(out[:, 1], f[:, :2, 2:].amax(dim=(1, 2)))  # top right cell
+    assert not torch.allclose(out[:, 1], f[:, :2, 2:].mean(dim=(1, 2)))
+
+
 def test_pool_grid_errors_say_what_to_change():
     with pytest.raises(ValueError, match="finer than"):
         create_vision_tower({**VIT, "pool_grid": 5})
@@ -177,6 +187,8 @@ def test_pool_grid_errors_say_what_to_change():
         create_vision_tower({**VIT, "pool_grid": 0})
     with pytest.raises(ValueError, match="square grid"):
         create_vision_tower({**VIT, "class_token": True, "select_feature": "cls_patch", "pool_grid": 2})
+    with pytest.raises(ValueError, match="pool_type must be 'avg' or 'max'"):
+        create_vision_tower({**VIT, "pool_grid": 2, "pool_type": "median"})
 
 
 def test_bad_configs_raise_clear_errors(x):

@@ -20,7 +20,7 @@ from torch import nn
 
 KINDS = ("vit", "timm", "open_clip", "siglip", "vq")
 _COMMON_KEYS = {"kind", "select_layer", "select_feature", "checkpoint_path", "prune_layers", "image_mean", "image_std",
-                "pool_grid"}
+                "pool_grid", "pool_type"}
 _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_ratio=4.0, class_token=False),
     "timm": dict(model_name=None, image_size=None, model_kwargs={}),
@@ -30,10 +30,11 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # of the learned code embeddings, and the average-pooling factor over the code grid (2: 16x16 codes -> 64 slots).
     "vq": dict(vq=None, width=128, pool=2),
 }
-# pool_grid: average-pool the square patch grid to pool_grid x pool_grid slots (token pooling as in
-# LLaVA-OneVision / LaViDa): fewer, coarser slots; None keeps every patch.
+# pool_grid: pool the square patch grid to pool_grid x pool_grid slots (token pooling as in LLaVA-OneVision /
+# LaViDa): fewer, coarser slots; None keeps every patch. pool_type "avg" averages a slot's patches, "max" keeps each
+# channel's peak, so a small object's local features survive whatever part of the slot it sits in.
 _COMMON_DEFAULTS = dict(select_layer=-2, select_feature="patch", checkpoint_path=None, prune_layers=True,
-                        image_mean=None, image_std=None, pool_grid=None)
+                        image_mean=None, image_std=None, pool_grid=None, pool_type="avg")
 
 # google/siglip-so400m-patch14-384, the tower LLaDA-V ships (pass siglip_config="so400m-patch14-384").
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -379,6 +380,8 @@ class VisionTower(nn.Module):
         if self.config["select_feature"] != "patch" or side * side != self._num_patches:
             raise ValueError(f"pool_grid needs a square grid of patch features; this tower gives {self._num_patches} "
                              f"slots (select_feature={self.config['select_feature']!r}). Drop pool_grid or use 'patch'.")
+        if self.config["pool_type"] not in ("avg", "max"):
+            raise ValueError(f"pool_type must be 'avg' or 'max', got {self.config['pool_type']!r}")
         if pool_grid > side:
             raise ValueError(f"pool_grid={pool_grid} is finer than the tower's {side}x{side} patch grid; pick <= {side}")
         self._num_patches = pool_grid * pool_grid
@@ -426,7 +429,8 @@ class VisionTower(nn.Module):
             return x
         g = self.config["pool_grid"]
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self._patch_side, self._patch_side)
-        return F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)
+        pool = F.adaptive_max_pool2d if self.config["pool_type"] == "max" else F.adaptive_avg_pool2d
+        return pool(grid, g).flatten(2).transpose(1, 2)
 
     # ---------------------------------------------------------------------------------------------------- properties
     @property
