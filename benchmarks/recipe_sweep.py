@@ -1,12 +1,13 @@
 """Train several variants of the shapes-tiny recipe side by side and evaluate each: a recipe sweep for one GPU.
 
 Each variant is the diffusion-only recipe or the AR-to-diffusion experiment with a few denoiser-stage settings changed;
-all reuse one finished run's image tokenizer, text tokenizer and pretrained vision tower, so only the denoiser stages
-train. On one H200, six variants train concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU
+all reuse one finished run's image tokenizer, text tokenizer and pretrained (average-pooled) vision tower, so only the
+denoiser stages train: a run of configs/experiments/shapes-tiny-a2d.yaml, whose first three stages they share.
+On one H200, six variants train concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU
 cores). Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
-    python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny    # train + evaluate all (GPU recommended)
+    python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate all (GPU recommended)
     python benchmarks/recipe_sweep.py --variants E-diffusion-only --deadline 3600 --cpu
 """
 
@@ -39,7 +40,8 @@ VARIANTS: dict[str, tuple[Path, int | None, int | None, float | None, list[float
     "C2-ar4500": (A2D, 4500, 1700, 2e-4, None),
     "D-understand-heavy": (A2D, None, None, 2e-4, [3.0, 3.0, 2.0, 1.0, 1.0]),
     "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
-    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),  # = configs/shapes-tiny.yaml now
+    # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps.
+    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
 }
 
 
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="variants:\n" + "\n".join(f"  {n}" for n in VARIANTS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
-    p.add_argument("--reuse", default="runs/shapes-tiny",
-                   help="finished run whose image_tokenizer, tokenizer and vision_pretrain folders are reused")
+    p.add_argument("--reuse", default="runs/shapes-tiny-a2d",
+                   help="finished run whose image_tokenizer, tokenizer and vision_pretrain folders are reused: one of "
+                        "configs/experiments/shapes-tiny-a2d.yaml (the variants' average-pooled tower)")
     p.add_argument("--out", default="runs/sweep", help="folder for the recipes, runs and summary")
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds; variants still running are stopped")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
@@ -184,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     missing = [s for s in REUSED_STAGES if not (Path(args.reuse) / s).is_dir()]
     if missing:
-        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml first "
-                "(or point --reuse at a finished run)")
+        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train "
+                "configs/experiments/shapes-tiny-a2d.yaml first (or point --reuse at a finished run of it)")
     summary = run_sweep(args)
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
     table = summary_table(summary)

@@ -18,16 +18,17 @@ def _unweighted(source):
     return dataclasses.replace(source, weight=1.0)
 
 
-def test_every_variant_is_a_valid_recipe_that_can_reuse_the_shipped_stages(tmp_path):
+def test_every_variant_is_a_valid_recipe_that_can_reuse_one_runs_stages(tmp_path):
     paths = sweep.write_recipes(list(sweep.VARIANTS), tmp_path)
-    shipped = load_recipe(sweep.SHIPPED)
+    base = load_recipe(sweep.A2D)  # its run is the default --reuse
+    assert base.output_dir == "runs/shapes-tiny-a2d"
     for name, path in paths.items():
         r = load_recipe(path)
         assert r.output_dir == str(tmp_path / name)
         # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
-        assert r.stages[:3] == shipped.stages[:3], name
-        assert r.model == shipped.model and r.seed == shipped.seed, name
-        assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in shipped.data.sources], name
+        assert r.stages[:3] == base.stages[:3], name
+        assert r.model == base.model and r.seed == base.seed, name
+        assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in base.data.sources], name
 
 
 def test_variant_overrides_land_on_the_right_stage(tmp_path):
@@ -55,9 +56,14 @@ def test_summary_table_reads_eval_reports():
     assert "| w | failed in train | - | - | - | - | - | - |" in table
 
 
-def test_variant_r_is_the_shipped_recipe_and_e_the_previous_one(tmp_path):
+def test_variant_r_is_the_shipped_recipe_before_its_tower_change_and_e_the_diffusion_only_one(tmp_path):
     for name, recipe in (("R-ar1000-t2i57", sweep.SHIPPED), ("E-diffusion-only", sweep.DIFFUSION_ONLY)):
         written = load_recipe(sweep.write_recipes([name], tmp_path)[name]).to_dict()
         expected = load_recipe(recipe).to_dict()
         written.pop("output_dir"), expected.pop("output_dir")
+        if name == "R-ar1000-t2i57":  # shipped since: a max-pooled tower and 400 more diffusion steps
+            assert expected["model"]["vision_tower"].pop("pool_type") == "max"
+            assert written["model"]["vision_tower"].pop("pool_type", "avg") == "avg"
+            assert (expected["stages"][-1]["steps"], written["stages"][-1]["steps"]) == (3050, 2650)
+            expected["stages"][-1]["steps"] = 2650
         assert written == expected, name
