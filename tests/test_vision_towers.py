@@ -189,6 +189,8 @@ def test_pool_grid_errors_say_what_to_change():
         create_vision_tower({**VIT, "class_token": True, "select_feature": "cls_patch", "pool_grid": 2})
     with pytest.raises(ValueError, match="pool_type must be 'avg' or 'max'"):
         create_vision_tower({**VIT, "pool_grid": 2, "pool_type": "median"})
+    with pytest.raises(ValueError, match="pool_type must be"):
+        create_vision_tower({**VIT, "pool_type": "mean"})
 
 
 def test_bad_configs_raise_clear_errors(x):

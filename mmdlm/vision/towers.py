@@ -57,6 +57,8 @@ def _normalise_config(config: dict) -> dict:
     cfg.update(copy.deepcopy(config))
     if cfg["select_feature"] not in ("patch", "cls_patch"):
         raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {cfg['select_feature']!r}")
+    if cfg["pool_type"] not in ("avg", "max"):
+        raise ValueError(f"pool_type must be 'avg' or 'max', got {cfg['pool_type']!r}")
     if not isinstance(cfg["select_layer"], int) or isinstance(cfg["select_layer"], bool):
         raise ValueError(f"select_layer must be an int (e.g. -2), got {cfg['select_layer']!r}")
     if kind in ("timm", "open_clip") and not isinstance(cfg["model_name"], str):
@@ -380,8 +382,6 @@ class VisionTower(nn.Module):
         if self.config["select_feature"] != "patch" or side * side != self._num_patches:
             raise ValueError(f"pool_grid needs a square grid of patch features; this tower gives {self._num_patches} "
                              f"slots (select_feature={self.config['select_feature']!r}). Drop pool_grid or use 'patch'.")
-        if self.config["pool_type"] not in ("avg", "max"):
-            raise ValueError(f"pool_type must be 'avg' or 'max', got {self.config['pool_type']!r}")
         if pool_grid > side:
             raise ValueError(f"pool_grid={pool_grid} is finer than the tower's {side}x{side} patch grid; pick <= {side}")
         self._num_patches = pool_grid * pool_grid
