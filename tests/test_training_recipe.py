@@ -110,10 +110,31 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 @pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
                                   "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
                                   "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
-                                  "experiments/shapes-tiny-continue-arfrac"])
+                                  "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
+                                  "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
+    if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
+        shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
+        assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
+        assert r.data.sources == shipped.data.sources
+        vq, ours = r.model.image_tokenizer, shipped.model.image_tokenizer
+        assert (vq.pop("channel_mult"), vq.pop("codebook_size")) == ([1, 2, 2], 1024)
+        assert (ours.pop("channel_mult"), ours.pop("codebook_size")) == ([1, 2], 512) and vq == ours
+        return
     assert r.stages[-1].type == "denoiser"
+    if name == "experiments/shapes-tiny-pretrain5000":  # the shipped recipe with a longer vision_pretrain
+        longer, shipped = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny.yaml").to_dict()
+        assert [(d["stages"][2]["steps"], d["stages"][-1]["steps"]) for d in (longer, shipped)] == [(5000, 2800),
+                                                                                                   (2500, 3050)]
+        for d in (longer, shipped):
+            d.pop("output_dir"), d["stages"][-1].pop("steps")
+            d["stages"][2].pop("steps"), d["stages"][2].pop("eval_every")
+        assert longer == shipped
+    if name == "experiments/shapes-tiny-switch":  # the switch to diffusion on reading rows only
+        (stage,) = r.stages
+        assert r.model.init_from == "runs/shapes-tiny-pretrain5000/denoiser1"
+        assert (stage.is_causal, stage.tasks, stage.steps, stage.lr) == (False, ["understanding"], 300, 2e-4)
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
