@@ -42,6 +42,7 @@ class MMDLMConfig(PreTrainedConfig):
         rms_norm_eps: float = 1e-5,
         tie_word_embeddings: bool = False,
         is_causal: bool = False,
+        shift_logits: bool = False,
         initializer_range: float = 0.02,
         mask_token_id: int | None = None,
         eot_token_id: int | None = None,
@@ -75,6 +76,9 @@ class MMDLMConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.tie_word_embeddings = tie_word_embeddings
         self.is_causal = is_causal
+        # Dream / Dimple: the prediction for position i is read from the output at i - 1, the next-token alignment
+        # an AR-initialised model already has (LLaDA has no shift).
+        self.shift_logits = shift_logits
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
         self.eot_token_id = eot_token_id

@@ -237,6 +237,10 @@ def _next_token_ce(
     Returns ``(ce, rows, logits)`` with ``rows`` the batch row of each CE."""
     predicts = torch.zeros_like(targets)
     predicts[:, :-1] = targets[:, 1:] & am[:, :-1]
+    # A model with shifted logits already scores token i + 1 at position i + 1 (from its output at i).
+    shift = int(bool(getattr(_unwrap(model).config, "shift_logits", False)))
+    if shift:
+        predicts = torch.roll(predicts, 1, dims=1)
     idx, valid = _logit_positions(predicts)
     position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
     images = {} if pixel_values is None else {"pixel_values": pixel_values}
@@ -244,7 +248,7 @@ def _next_token_ce(
         input_ids=input_ids, attention_mask=am.long(), position_ids=position_ids, logits_to_keep=idx,
         is_causal=is_causal, **images
     ).logits
-    labels = input_ids.gather(1, (idx + 1).clamp(max=input_ids.shape[1] - 1))
+    labels = input_ids.gather(1, (idx + 1 - shift).clamp(max=input_ids.shape[1] - 1))
     rows = valid.nonzero(as_tuple=True)[0]
     ce = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
     return ce, rows, logits

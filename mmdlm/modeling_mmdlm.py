@@ -297,8 +297,9 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
     ``forward`` accepts ``input_ids`` or ``inputs_embeds``, a 2-D key-padding ``attention_mask``,
     ``position_ids``, ``pixel_values`` (or precomputed ``image_features``), ``cache`` (per-layer (key, value) pairs) for cached
     prefix/suffix keys, ``logits_to_keep``: an int (last k positions) or a LongTensor [B, K] of positions
-    where logits are wanted (samplers ask only for still-masked slots), and ``is_causal`` to override
-    ``config.is_causal`` for one call.
+    where logits are wanted (samplers ask only for still-masked slots), ``is_causal`` to override
+    ``config.is_causal`` for one call, and ``shift_logits`` to override ``config.shift_logits`` (with it, position
+    i's logits come from the output at i - 1, as in Dream; ``False`` gives the next-token logits an AR decoder reads).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -338,6 +339,7 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
         use_cache: bool = False,
         logits_to_keep: Optional[int | torch.Tensor] = None,
         is_causal: Optional[bool] = None,
+        shift_logits: Optional[bool] = None,
         **kwargs: Any,
     ) -> MMDLMOutput:
         kwargs.pop("image_sizes", None)  # carried by the processor for anyres; the views already encode it
@@ -348,6 +350,12 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
             if image_features is not None:
                 raise ValueError("pass pixel_values or image_features, not both.")
             image_features = self.image_features(pixel_values)
+        shift = getattr(self.config, "shift_logits", False) if shift_logits is None else shift_logits
+        if shift and cache is not None:
+            raise NotImplementedError(
+                "this model shifts its logits (config.shift_logits): position i's prediction comes from the output at "
+                "i - 1, which a forward over a cached suffix does not compute; decode without a KV cache (cache='none')"
+            )
         hidden, presents = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -358,6 +366,8 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
             image_features=image_features,
             is_causal=is_causal,
         )
+        if shift:  # position 0 has no predecessor: it keeps its own output
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         if logits_to_keep is not None:
             if isinstance(logits_to_keep, int):
                 hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden

@@ -272,3 +272,44 @@ def test_a_diffusion_stage_with_ar_fraction_logs_both_losses_and_evaluates_diffu
     assert {"text", "text_ar"} <= logged  # both kinds of batch happened, each logged under its own name
     evals = [r for r in records if "eval_loss" in r]
     assert evals and not any(k.endswith("_ar") for r in evals for k in r)
+
+
+def test_shifted_logits_read_each_position_from_its_predecessor_and_keep_the_next_token_loss():
+    plain, shifted = tiny_model().eval(), tiny_model().eval()
+    shifted.config.shift_logits = True
+    batch = hand_batch()
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    positions = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=am, position_ids=positions).logits
+        b = shifted(input_ids=ids, attention_mask=am, position_ids=positions).logits
+        idx = torch.tensor([[1, 5], [7, 2]])
+        kept = shifted(input_ids=ids, attention_mask=am, position_ids=positions, logits_to_keep=idx).logits
+    assert torch.allclose(b[:, 1:], a[:, :-1]) and torch.allclose(b[:, 0], a[:, 0])
+    assert not torch.allclose(b[:, 1:], a[:, 1:])
+    assert torch.allclose(kept, b.gather(1, idx[..., None].expand(-1, -1, V)))
+    # The same weights are the same next-token model: an AR checkpoint can be read with shifted logits.
+    for name, value in compute_batch_loss(plain, batch, objective="ar").items():
+        assert compute_batch_loss(shifted, batch, objective="ar")[name].item() == pytest.approx(value.item(), rel=1e-5)
+
+
+def test_shifted_logits_refuse_a_kv_cache_with_a_reason():
+    model = tiny_model(is_causal=False).eval()
+    model.config.shift_logits = True
+    ids = torch.tensor([[BOS, 10, 11, MASK]])
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :3], use_cache=True).cache  # a prefill over the whole prefix is fine
+        with pytest.raises(NotImplementedError, match="cache='none'"):
+            model(input_ids=ids[:, 3:], position_ids=torch.tensor([[3]]), cache=cache)
+
+
+def test_the_greedy_decoder_reads_next_token_logits_from_a_model_with_shifted_logits():
+    from mmdlm.sampling.autoregressive import generate_autoregressive
+
+    plain, shifted = tiny_model().eval(), tiny_model().eval()
+    shifted.config.shift_logits = True
+    ids = torch.tensor([[BOS, 10, 11, 12], [BOS, 20, 21, 22]])
+    for use_cache in (True, False):
+        want = generate_autoregressive(plain, ids, max_new_tokens=6, use_cache=use_cache, return_dict=True).sequences
+        got = generate_autoregressive(shifted, ids, max_new_tokens=6, use_cache=use_cache, return_dict=True).sequences
+        assert torch.equal(got, want)

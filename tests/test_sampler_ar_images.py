@@ -115,3 +115,14 @@ def test_pipeline_draws_with_a_causal_model_code_by_code(tiny_model_dir, tmp_pat
     states = list(pipe.stream_image("a small red circle at the center.", seed=3, guidance_scale=0.0))
     assert [s.unknown for s in states[:-1]] == list(range(h * w - 1, -1, -1))
     assert states[-1].done and states[-1].image.tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_a_model_with_shifted_logits_draws_the_same_codes(causal, guidance_scale):
+    import copy
+
+    shifted = copy.deepcopy(causal)
+    shifted.config.shift_logits = True  # same weights: the decoder must ask it for next-token logits
+    prompts = [t2i_prompt_ids(causal.config, [10, 11, 12]), t2i_prompt_ids(causal.config, [13])]
+    codes = generate_image_tokens_autoregressive(shifted, prompts, N, guidance_scale=guidance_scale, temperature=0)
+    assert codes.tolist() == [reference_greedy(causal, p, guidance_scale) for p in prompts]

@@ -111,7 +111,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
                                   "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
                                   "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
-                                  "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch"])
+                                  "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
+                                  "experiments/shapes-tiny-shift"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -131,6 +132,11 @@ def test_bundled_recipes_load(name):
             d.pop("output_dir"), d["stages"][-1].pop("steps")
             d["stages"][2].pop("steps"), d["stages"][2].pop("eval_every")
         assert longer == shipped
+    if name == "experiments/shapes-tiny-shift":  # pretrain5000 with shifted logits
+        shifted, plain = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-pretrain5000.yaml").to_dict()
+        assert (shifted["model"].pop("shift_logits"), plain["model"].pop("shift_logits")) == (True, False)
+        shifted.pop("output_dir"), plain.pop("output_dir")
+        assert shifted == plain
     if name == "experiments/shapes-tiny-switch":  # the switch to diffusion on reading rows only
         (stage,) = r.stages
         assert r.model.init_from == "runs/shapes-tiny-pretrain5000/denoiser1"

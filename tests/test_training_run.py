@@ -158,6 +158,11 @@ def test_a_next_token_stage_then_a_diffusion_stage(base, tmp_path):
     final = run(base, tmp_path / "ar2d", d)
     assert json.loads((tmp_path / "ar2d" / "ar" / "config.json").read_text())["is_causal"] is True
     assert json.loads((final / "config.json").read_text())["is_causal"] is False
+    assert json.loads((final / "config.json").read_text()).get("shift_logits", False) is False
+    # Dream / Dimple style: shifted logits keep the next-token alignment through both stages.
+    shifted = run(base, tmp_path / "ar2d-shift", {**d, "model": {**d["model"], "shift_logits": True}})
+    assert json.loads((tmp_path / "ar2d-shift" / "ar" / "config.json").read_text())["shift_logits"] is True
+    assert json.loads((shifted / "config.json").read_text())["shift_logits"] is True
     # Without the second stage's override it would stay causal, which the diffusion loss refuses before training.
     d["stages"][-1].pop("is_causal")
     with pytest.raises(ValueError, match="is_causal: false on this stage"):

@@ -34,6 +34,12 @@ def _stop_ids(model, eos_token_id: Optional[int | Sequence[int]]) -> list[int]:
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
 
 
+def _next_token_logits(model: torch.nn.Module) -> dict[str, bool]:
+    """Forward options that make a model with shifted logits (config.shift_logits) return, at position i, the
+    prediction of token i + 1 that an AR decoder reads; empty for every other model."""
+    return {"shift_logits": False} if getattr(model.config, "shift_logits", False) else {}
+
+
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
     # Left padding means each row is 0...0 1...1: the mask never drops from 1 back to 0.
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
@@ -99,6 +105,7 @@ def generate_autoregressive(
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     fill = stop[0] if stop else 0
     T = P + max_new_tokens
+    unshift = _next_token_logits(model)
 
     out = torch.full((B, T), fill, dtype=torch.long, device=device)
     out[:, :P] = input_ids
@@ -117,13 +124,14 @@ def generate_autoregressive(
             # Prefill (or full recompute): every position so far, causal + key padding.
             embeds = prompt_embeds if t == 0 else torch.cat([prompt_embeds, embed(out[rows, P:cur])], 1)
             res = model(inputs_embeds=embeds, attention_mask=am[rows, :cur], position_ids=pos[rows, :cur],
-                        use_cache=use_cache, logits_to_keep=1)
+                        use_cache=use_cache, logits_to_keep=1, **unshift)
             if use_cache:
                 kv = _cache_buffers(res.cache, T)
         else:
             last = out[rows, cur - 1 : cur]
             res = model(inputs_embeds=embed(last), attention_mask=am[rows, :cur], position_ids=pos[rows, cur - 1 : cur],
-                        cache=[(k[:, :, : cur - 1], v[:, :, : cur - 1]) for k, v in kv], use_cache=True, logits_to_keep=1)
+                        cache=[(k[:, :, : cur - 1], v[:, :, : cur - 1]) for k, v in kv], use_cache=True, logits_to_keep=1,
+                        **unshift)
             for (kb, vb), (k, v) in zip(kv, res.cache):
                 kb[:, :, cur - 1 : cur], vb[:, :, cur - 1 : cur] = k, v
         nfe += 1
@@ -189,7 +197,8 @@ def generate_image_tokens_autoregressive(
     P = ids.shape[1]
     am = torch.cat([am, torch.ones(am.shape[0], N, dtype=torch.long, device=device)], 1)
     pos = (am.cumsum(-1) - 1).clamp(min=0)
-    res = model(input_ids=ids, attention_mask=am[:, :P], position_ids=pos[:, :P], use_cache=True, logits_to_keep=1)
+    res = model(input_ids=ids, attention_mask=am[:, :P], position_ids=pos[:, :P], use_cache=True, logits_to_keep=1,
+                **_next_token_logits(model))
     kv = _cache_buffers(res.cache, P + N)
     codes = torch.full((B, N), -1, dtype=torch.long, device=device)
     for t in range(N):
@@ -210,7 +219,8 @@ def generate_image_tokens_autoregressive(
         cur = P + t  # the position of the code just drawn
         token = (nxt + offset).repeat(2 if guidance_scale > 0 else 1)[:, None]
         res = model(input_ids=token, attention_mask=am[:, : cur + 1], position_ids=pos[:, cur : cur + 1],
-                    cache=[(k[:, :, :cur], v[:, :, :cur]) for k, v in kv], use_cache=True, logits_to_keep=1)
+                    cache=[(k[:, :, :cur], v[:, :, :cur]) for k, v in kv], use_cache=True, logits_to_keep=1,
+                    **_next_token_logits(model))
         for (kb, vb), (k, v) in zip(kv, res.cache):
             kb[:, :, cur : cur + 1], vb[:, :, cur : cur + 1] = k, v
     return codes

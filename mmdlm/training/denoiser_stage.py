@@ -35,7 +35,8 @@ def _fresh_model(m: ModelRecipe, seed: int, tokenizer: Any, vq: Any, index: int)
 
     sizes = {k: getattr(m, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                         "intermediate_size", "head_dim", "max_position_embeddings", "rope_theta",
-                                        "tie_word_embeddings", "is_causal", "initializer_range")}
+                                        "tie_word_embeddings", "is_causal", "shift_logits",
+                                        "initializer_range")}
     fields = config_token_fields(tokenizer, codebook_size=vq.codebook_size if vq is not None else 0)
     vision_config = m.vision_tower
     reads_codes = bool(vision_config) and vision_config.get("kind") == "vq"

@@ -27,7 +27,9 @@ class ModelRecipe:
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
     tokenizer are reused and the size fields here are ignored. ``vision_tower_from`` copies only the vision
     tower's weights from a saved mmdlm model folder with the same ``vision_tower`` config (e.g. the
-    ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's."""
+    ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's.
+    ``shift_logits`` reads position i's prediction from the output at i - 1 (Dream / Dimple): a causal first stage's
+    next-token head then keeps its meaning after the switch to diffusion."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -39,6 +41,7 @@ class ModelRecipe:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     is_causal: bool = False
+    shift_logits: bool = False
     initializer_range: float = 0.02
     vision_tower: Optional[dict[str, Any]] = None
     mm_projector_type: str = "mlp2x_gelu"
