@@ -291,6 +291,17 @@ class MMDLMModel(MMDLMPreTrainedModel):
         return self.norm(x), (presents if use_cache else None)
 
 
+def _reads_first_position(logits_to_keep: Optional[int | torch.Tensor], input_ids: Optional[torch.Tensor],
+                          inputs_embeds: Optional[torch.Tensor]) -> bool:
+    """Whether a forward's kept logits include its first query position."""
+    if logits_to_keep is None:
+        return True
+    if isinstance(logits_to_keep, int):
+        n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return logits_to_keep <= 0 or logits_to_keep >= n
+    return bool((logits_to_keep == 0).any())
+
+
 class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
     """Backbone + LM head (+ image tokenizer): predicts clean tokens at masked positions.
 
@@ -299,7 +310,8 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
     prefix/suffix keys, ``logits_to_keep``: an int (last k positions) or a LongTensor [B, K] of positions
     where logits are wanted (samplers ask only for still-masked slots), ``is_causal`` to override
     ``config.is_causal`` for one call, and ``shift_logits`` to override ``config.shift_logits`` (with it, position
-    i's logits come from the output at i - 1, as in Dream; ``False`` gives the next-token logits an AR decoder reads).
+    i's logits come from the output at i - 1, as in Dream; ``False`` gives the next-token logits an AR decoder reads;
+    over a cache, the first query position has no predecessor in the forward, so its logits cannot be asked for).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -351,10 +363,13 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
                 raise ValueError("pass pixel_values or image_features, not both.")
             image_features = self.image_features(pixel_values)
         shift = getattr(self.config, "shift_logits", False) if shift_logits is None else shift_logits
-        if shift and cache is not None:
-            raise NotImplementedError(
+        if shift and cache is not None and _reads_first_position(logits_to_keep, input_ids, inputs_embeds):
+            # Its predecessor lives only in the cache, as K/V: its output is not there to shift in.
+            raise ValueError(
                 "this model shifts its logits (config.shift_logits): position i's prediction comes from the output at "
-                "i - 1, which a forward over a cached suffix does not compute; decode without a KV cache (cache='none')"
+                "i - 1, so a forward over cached keys cannot predict its first query position. Start the queries one "
+                "position earlier and keep logits only after it (logits_to_keep), as the fast sampler's caches do, "
+                "or decode without a KV cache (cache='none')."
             )
         hidden, presents = self.model(
             input_ids=input_ids,

@@ -293,14 +293,20 @@ def test_shifted_logits_read_each_position_from_its_predecessor_and_keep_the_nex
         assert compute_batch_loss(shifted, batch, objective="ar")[name].item() == pytest.approx(value.item(), rel=1e-5)
 
 
-def test_shifted_logits_refuse_a_kv_cache_with_a_reason():
+def test_shifted_logits_over_a_cache_start_one_position_early():
     model = tiny_model(is_causal=False).eval()
     model.config.shift_logits = True
-    ids = torch.tensor([[BOS, 10, 11, MASK]])
+    ids = torch.tensor([[BOS, 10, 11, MASK, MASK]])
     with torch.no_grad():
-        cache = model(input_ids=ids[:, :3], use_cache=True).cache  # a prefill over the whole prefix is fine
-        with pytest.raises(NotImplementedError, match="cache='none'"):
-            model(input_ids=ids[:, 3:], position_ids=torch.tensor([[3]]), cache=cache)
+        full = model(input_ids=ids, use_cache=True)
+        cache = [(k[:, :, :2], v[:, :, :2]) for k, v in full.cache]  # positions 0-1 cached
+        # The first query position's predecessor is only K/V in the cache: asking for its logits is refused.
+        with pytest.raises(ValueError, match="one position earlier"):
+            model(input_ids=ids[:, 3:], position_ids=torch.tensor([[3, 4]]), cache=cache)
+        # Starting the queries one earlier (position 2) gives positions 3-4 exactly the full forward's logits.
+        got = model(input_ids=ids[:, 2:], position_ids=torch.tensor([[2, 3, 4]]), cache=cache,
+                    logits_to_keep=torch.tensor([[1, 2]])).logits
+    assert torch.allclose(got, full.logits[:, 3:], atol=1e-5)
 
 
 def test_the_greedy_decoder_reads_next_token_logits_from_a_model_with_shifted_logits():

@@ -109,9 +109,10 @@ def test_exact_single_prompt_and_per_row_generators():
     assert torch.equal(alone[0, one.shape[1]:], llada.generate(m, one, **KW)[0, one.shape[1]:])
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cache_refreshed_every_step_is_exact(cache):
-    m = tiny(seed=3)
+def test_cache_refreshed_every_step_is_exact(cache, shift):
+    m = tiny(seed=3, shift_logits=shift)
     ids, am = batch()
     ref = llada.generate(m, ids, am, cfg_scale=1.0, **KW)
     got = fast.generate(m, ids, am, cfg_scale=1.0, cache=cache, cache_refresh=1, early_stop=False, **KW)
@@ -122,9 +123,10 @@ def test_cache_refreshed_every_step_is_exact(cache):
     assert cheap.query_tokens < exact.query_tokens and cheap.nfe == exact.nfe
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_cache_gives_full_forward_logits_when_nothing_changed(mode):
-    m = tiny(seed=4)
+def test_cache_gives_full_forward_logits_when_nothing_changed(mode, shift):
+    m = tiny(seed=4, shift_logits=shift)
     ids, am = batch()
     B, P = ids.shape
     x = torch.cat([ids, torch.randint(3, V - 1, (B, 8)), torch.full((B, 8), MASK)], 1)  # 2 answer blocks of 4
@@ -132,7 +134,7 @@ def test_cache_gives_full_forward_logits_when_nothing_changed(mode):
     pos = (amf.cumsum(-1) - 1).clamp(min=0)
     s, e = P + 8, P + 12
     full = m(input_ids=x, attention_mask=amf, position_ids=pos, use_cache=True)
-    bc = BlockCache(mode, "block", P)
+    bc = BlockCache(mode, "block", P, lead=int(shift))
     bc.store(full.cache, s, e)
     qs, qe = bc.window(s, e, x.shape[1])
     emb = m.model.embed(x)
@@ -167,6 +169,19 @@ def test_early_stop_exact_text_fewer_forwards_rows_independent():
     assert n0 < n1 == got.nfe
     # Once row 0 finished, later snapshots never change it (it is no longer computed).
     assert all(torch.equal(snap[0], got.sequences[0]) for snap in seen[n0 - 1:])
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("refresh", ["block", "never"])
+def test_prefix_caches_are_exact_for_a_causal_model(refresh, shift):
+    # Under causal attention nothing before the block ever sees the block or what follows it, so the prefix K/V a
+    # cache holds (refreshed per block, or prefix-DLM's prompt-alone prefill) is exactly what a full forward computes.
+    m = tiny(seed=7, is_causal=True, shift_logits=shift)
+    ids, am = batch()
+    exact = fast.generate(m, ids, am, early_stop=False, return_dict=True, **KW)
+    cached = fast.generate(m, ids, am, cache="prefix", cache_refresh=refresh, early_stop=False, return_dict=True, **KW)
+    assert torch.equal(cached.sequences, exact.sequences)
+    assert cached.query_tokens < exact.query_tokens
 
 
 @pytest.mark.parametrize("rule,cache", [(dict(threshold=0.6), "dual"), (dict(factor=1.0), "prefix"),

@@ -146,3 +146,25 @@ def test_cli_reports_recipe_errors_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_bf16_cpu_autocasts_only_where_the_cpu_has_bf16_kernels(monkeypatch, capsys):
+    # Emulated bf16 (AVX2-only CPUs) measured several times slower than fp32: the option falls back to fp32 there.
+    from types import SimpleNamespace
+
+    from mmdlm.training import trainer
+
+    fake = SimpleNamespace(stage=SimpleNamespace(bf16=True, bf16_cpu=True),
+                           acc=SimpleNamespace(device=torch.device("cpu"), mixed_precision="no"))
+    monkeypatch.setattr(trainer, "_BF16_WARNED", False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with trainer.StageTrainer._autocast(fake):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with trainer.StageTrainer._autocast(fake):
+        assert not torch.is_autocast_enabled("cpu")
+    assert "no native bf16 kernels" in capsys.readouterr().out
+    fake.stage.bf16_cpu = False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with trainer.StageTrainer._autocast(fake):
+        assert not torch.is_autocast_enabled("cpu")

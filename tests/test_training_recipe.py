@@ -132,11 +132,15 @@ def test_bundled_recipes_load(name):
             d.pop("output_dir"), d["stages"][-1].pop("steps")
             d["stages"][2].pop("steps"), d["stages"][2].pop("eval_every")
         assert longer == shipped
-    if name == "experiments/shapes-tiny-shift":  # pretrain5000 with shifted logits
+    if name == "experiments/shapes-tiny-shift":  # pretrain5000 with shifted logits, then a reading polish
         shifted, plain = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-pretrain5000.yaml").to_dict()
         assert (shifted["model"].pop("shift_logits"), plain["model"].pop("shift_logits")) == (True, False)
         shifted.pop("output_dir"), plain.pop("output_dir")
+        polish = shifted["stages"].pop()
+        assert shifted["stages"][-1].pop("name") == "denoiser2" and plain["stages"][-1].pop("name") == "model"
         assert shifted == plain
+        assert (polish["tasks"], polish["steps"], polish["lr"], polish["is_causal"]) == (["understanding"], 600, 3e-4,
+                                                                                          False)
     if name == "experiments/shapes-tiny-switch":  # the switch to diffusion on reading rows only
         (stage,) = r.stages
         assert r.model.init_from == "runs/shapes-tiny-pretrain5000/denoiser1"

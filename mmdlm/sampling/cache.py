@@ -39,9 +39,13 @@ class BlockCache:
     * ``"dual"``: K/V of the prefix *and* of the masked suffix after the block; cached steps run only the block.
       ``refresh`` is ``"block"`` or int K.
     A full forward doubles as the step's prediction, so refreshing costs no extra pass.
+
+    ``lead`` (1 for a model with shifted logits, Dream-style: position i is predicted from the output at i - 1)
+    moves the first query one position earlier, out of the cache, so the block's first slot has its predecessor's
+    output; the logits a step reads then start at query offset ``lead``.
     """
 
-    def __init__(self, mode: str = "none", refresh: Refresh = "block", prompt_length: int = 0) -> None:
+    def __init__(self, mode: str = "none", refresh: Refresh = "block", prompt_length: int = 0, lead: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"cache must be one of {MODES}, got {mode!r}.")
         if isinstance(refresh, bool) or not (refresh in ("block", "never") or (isinstance(refresh, int) and refresh >= 1)):
@@ -49,7 +53,12 @@ class BlockCache:
         if mode == "dual" and refresh == "never":
             raise ValueError("the dual cache holds the masked suffix, which must be refreshed: use cache_refresh='block' "
                              "or an int, or cache='prefix' with cache_refresh='never' (prefix-DLM).")
-        self.mode, self.refresh, self.prompt_length = mode, refresh, prompt_length
+        if lead not in (0, 1):
+            raise ValueError(f"lead must be 0 or 1 (positions a query window starts before the block), got {lead!r}.")
+        if lead and mode != "none" and prompt_length < 1:
+            raise ValueError("a model with shifted logits predicts the first answer slot from the prompt's last "
+                             "position: cached decoding needs a prompt of at least one token.")
+        self.mode, self.refresh, self.prompt_length, self.lead = mode, refresh, prompt_length, lead
         self.kv: Optional[KVCache] = None
 
     @property
@@ -70,21 +79,22 @@ class BlockCache:
     def window(self, start: int, end: int, total: int) -> tuple[int, int]:
         """Query positions [qs, qe) of a cached step for the block [start, end) of a sequence of ``total``."""
         if self.mode == "dual":
-            return start, end
+            return start - self.lead, end
         if self.refresh == "never":
-            return self.prompt_length, total
-        return start, total
+            return self.prompt_length - self.lead, total
+        return start - self.lead, total
 
     def store(self, kv_full: KVCache, start: int, end: int) -> None:
         """Keep what later steps of the block [start, end) read, from a full forward's K/V."""
+        cut = start - self.lead
         if self.mode == "prefix":
-            self.kv = kv_slice(kv_full, 0, start)
+            self.kv = kv_slice(kv_full, 0, cut)
         elif self.mode == "dual":
-            self.kv = kv_cat(kv_slice(kv_full, 0, start), kv_slice(kv_full, end))
+            self.kv = kv_cat(kv_slice(kv_full, 0, cut), kv_slice(kv_full, end))
 
     def prefill(self, model, embeds: torch.Tensor, key_mask: Optional[torch.Tensor], positions: torch.Tensor) -> None:
         """Prefix-DLM: the prompt's K/V from the prompt alone (it never attends to the answer)."""
-        P = self.prompt_length
+        P = self.prompt_length - self.lead
         am = None if key_mask is None else key_mask[:, :P]
         empty = torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
         out = model(inputs_embeds=embeds[:, :P], attention_mask=am, position_ids=positions[:, :P], use_cache=True,
@@ -96,7 +106,8 @@ class BlockCache:
         if key_mask is None:
             return None
         if self.mode == "dual":
-            return torch.cat([key_mask[:, :start], key_mask[:, end:], key_mask[:, start:end]], 1)
+            cut = start - self.lead
+            return torch.cat([key_mask[:, :cut], key_mask[:, end:], key_mask[:, cut:end]], 1)
         return key_mask  # prefix [0, qs) then queries [qs, total): already in order
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -91,7 +91,8 @@ def generate(
     rows leave the batch. Noise is drawn from ``generator`` in the reference's layout, so seeded sampling matches too.
 
     Approximate: ``cache`` "prefix" / "dual" with ``cache_refresh`` "block" / int K / "never" (prefix only;
-    see :class:`~mmdlm.sampling.cache.BlockCache`); one parallel rule — ``threshold`` τ (every slot with
+    see :class:`~mmdlm.sampling.cache.BlockCache`; a model with shifted logits runs one extra query position
+    before the block); one parallel rule — ``threshold`` τ (every slot with
     confidence >= τ), ``factor`` f (largest n with (n+1)(1 - c_n) < f), ``entropy_bound`` γ (EB-Sampler) or
     ``confident_decoding`` p (Dimple) — each commits at least one slot per step. Blocks advance together across
     the batch; a block ends when its slots are all committed or its ``steps / num_blocks`` steps are used (the last
@@ -110,7 +111,7 @@ def generate(
     L, G = P + gen_length, gen_length
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f"got {len(generator)} generators for {B} rows; pass one per row or a single one.")
-    bc = BlockCache(cache, cache_refresh, P)
+    bc = BlockCache(cache, cache_refresh, P, lead=int(bool(getattr(config, "shift_logits", False))))
 
     x = torch.cat([input_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)
     out = x.clone()  # every row in its original place; finished rows are written here and leave `x`

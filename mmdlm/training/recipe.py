@@ -193,7 +193,8 @@ class DenoiserStage:
     do not train (e.g. ``["vision_tower", "model.layers"]``; a prefix also matches after any leading module
     path); ``projector_only`` trains only the projector (LLaVA stage 1). ``vision_tower_lr`` gives the tower
     its own learning rate (LLaDA-V: 2e-6 vs 1e-5). ``loss`` holds extra keyword options for
-    ``mmdlm.diffusion.compute_batch_loss``. ``bf16`` autocasts on GPUs that support it (CPU runs stay fp32).
+    ``mmdlm.diffusion.compute_batch_loss``. ``bf16`` autocasts on GPUs that support it; ``bf16_cpu`` autocasts
+    CPU runs, on CPUs with native bf16 kernels only (emulated bf16 is several times slower than fp32 there).
     ``group_by_task`` draws each micro-batch from one task, which avoids padding short understanding rows to
     the length of t2i rows (cheaper on CPU). ``tasks`` restricts the stage to some of the mixture's tasks
     (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them.
