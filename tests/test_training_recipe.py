@@ -138,8 +138,10 @@ def test_bundled_recipes_load(name):
         shifted.pop("output_dir"), plain.pop("output_dir")
         polish = shifted["stages"].pop()
         assert shifted["stages"][-1].pop("name") == "denoiser2" and plain["stages"][-1].pop("name") == "model"
+        # A shorter diffusion stage, so that the run fits about 100 minutes on a CPU without bf16 kernels.
+        assert (shifted["stages"][-1].pop("steps"), plain["stages"][-1].pop("steps")) == (1500, 2800)
         assert shifted == plain
-        assert (polish["tasks"], polish["steps"], polish["lr"], polish["is_causal"]) == (["understanding"], 600, 3e-4,
+        assert (polish["tasks"], polish["steps"], polish["lr"], polish["is_causal"]) == (["understanding"], 400, 3e-4,
                                                                                           False)
     if name == "experiments/shapes-tiny-switch":  # the switch to diffusion on reading rows only
         (stage,) = r.stages
