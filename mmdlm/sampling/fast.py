@@ -92,8 +92,8 @@ def generate(
 
     Approximate: ``cache`` "prefix" / "dual" with ``cache_refresh`` "block" / int K / "never" (prefix only;
     see :class:`~mmdlm.sampling.cache.BlockCache`; a model with shifted logits runs one extra query position
-    before the block); one parallel rule — ``threshold`` τ (every slot with
-    confidence >= τ), ``factor`` f (largest n with (n+1)(1 - c_n) < f), ``entropy_bound`` γ (EB-Sampler) or
+    before the block); one parallel rule — ``threshold`` τ (every slot with confidence >= τ), ``factor`` f
+    (largest n with (n+1)(1 - c_n) < f), ``entropy_bound`` γ (EB-Sampler) or
     ``confident_decoding`` p (Dimple) — each commits at least one slot per step. Blocks advance together across
     the batch; a block ends when its slots are all committed or its ``steps / num_blocks`` steps are used (the last
     step commits what is left). Returns sequences [B, prompt + gen_length] or a :class:`FastSamplerOutput`.

@@ -21,8 +21,6 @@ BatchFn = Callable[[int, int], dict]  # (step, micro) -> batch on CPU
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], dict]  # -> {"loss": tensor, other scalars}
 EvalFn = Callable[[torch.nn.Module], dict]
 
-
-
 _BF16_WARNED = False
 
 
@@ -39,6 +37,7 @@ def cpu_has_bf16(warn: bool = False) -> bool:
         print("[mmdlm train] bf16_cpu: this CPU has no native bf16 kernels (emulated bf16 is several times slower "
               "than fp32 here); training in fp32 instead", flush=True)
     return ok
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the last good state was saved as a checkpoint."""
