@@ -197,8 +197,9 @@ def generate_image_tokens_autoregressive(
     P = ids.shape[1]
     am = torch.cat([am, torch.ones(am.shape[0], N, dtype=torch.long, device=device)], 1)
     pos = (am.cumsum(-1) - 1).clamp(min=0)
+    unshift = _next_token_logits(model)
     res = model(input_ids=ids, attention_mask=am[:, :P], position_ids=pos[:, :P], use_cache=True, logits_to_keep=1,
-                **_next_token_logits(model))
+                **unshift)
     kv = _cache_buffers(res.cache, P + N)
     codes = torch.full((B, N), -1, dtype=torch.long, device=device)
     for t in range(N):
@@ -220,7 +221,7 @@ def generate_image_tokens_autoregressive(
         token = (nxt + offset).repeat(2 if guidance_scale > 0 else 1)[:, None]
         res = model(input_ids=token, attention_mask=am[:, : cur + 1], position_ids=pos[:, cur : cur + 1],
                     cache=[(k[:, :, :cur], v[:, :, :cur]) for k, v in kv], use_cache=True, logits_to_keep=1,
-                    **_next_token_logits(model))
+                    **unshift)
         for (kb, vb), (k, v) in zip(kv, res.cache):
             kb[:, :, cur : cur + 1], vb[:, :, cur : cur + 1] = k, v
     return codes

@@ -25,8 +25,8 @@ _BF16_WARNED = False
 
 
 def cpu_has_bf16(warn: bool = False) -> bool:
-    """Whether this CPU has native bf16 kernels (AVX512-BF16 / AMX). Without them bf16 autocast is emulated: a
-    transformer layer's step measured 5x slower than fp32 on an AVX2-only CPU, so ``bf16_cpu`` falls back to fp32."""
+    """Whether this CPU has native bf16 kernels (AVX512-BF16 / AMX). Without them bf16 autocast is emulated and many
+    times slower than fp32 (benchmarks/bf16_cpu.py), so ``bf16_cpu`` falls back to fp32."""
     global _BF16_WARNED
     try:
         ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
