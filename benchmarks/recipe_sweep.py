@@ -1,13 +1,17 @@
 """Train several variants of the shapes-tiny recipe side by side and evaluate each: a recipe sweep for one GPU.
 
-Each variant is the diffusion-only recipe or the AR-to-diffusion experiment with a few denoiser-stage settings changed;
-all reuse one finished run's image tokenizer, text tokenizer and pretrained (average-pooled) vision tower, so only the
-denoiser stages train: a run of configs/experiments/shapes-tiny-a2d.yaml, whose first three stages they share.
-On one H200, six variants train concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU
-cores). Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
+Each variant is one of a few base recipes with some denoiser-stage settings changed; all variants of one invocation
+reuse one finished run's image tokenizer, text tokenizer and pretrained vision tower (a run of their base, whose
+first three stages they share), so only the denoiser stages train.
+Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffusion-only recipe): on one H200, six
+variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
+Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps).
+Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
-    python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate all (GPU recommended)
+    python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate round 1 (GPU recommended)
+    python benchmarks/recipe_sweep.py --variants S1-shift2800 S2-arfrac S3-understand53 S4-ar1500 \\
+        --reuse runs/shapes-tiny-shift2800                            # round 2
     python benchmarks/recipe_sweep.py --variants E-diffusion-only --deadline 3600 --cpu
 """
 
@@ -28,12 +32,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 A2D = ROOT / "configs/experiments/shapes-tiny-a2d.yaml"
 DIFFUSION_ONLY = ROOT / "configs/experiments/shapes-tiny-diffusion-only.yaml"  # shipped recipe until 2026-11-27
+SHIFT2800 = ROOT / "configs/experiments/shapes-tiny-shift2800.yaml"
 SHIPPED = ROOT / "configs/shapes-tiny.yaml"
 REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
 
-# name -> (base recipe, AR-stage steps, last diffusion stage's steps, its lr, source weights). None keeps the base's.
-# Source weights are in the base's order: shapes caption, shapes vqa, shapes t2i, digits vqa+caption, digits t2i.
-VARIANTS: dict[str, tuple[Path, int | None, int | None, float | None, list[float] | None]] = {
+# name -> (base recipe, AR-stage steps, last diffusion stage's steps, its lr, source weights[, loss options of the
+# last stage, merged into the base's]). None keeps the base's. Source weights are in the base's order: shapes
+# caption, shapes vqa, shapes t2i, digits vqa+caption, digits t2i.
+VARIANTS: dict[str, tuple] = {
     "A-a2d": (A2D, None, None, None, None),
     "B-a2d-lr2e-4": (A2D, None, None, 2e-4, None),
     "C-ar3000": (A2D, 3000, 2200, 2e-4, None),
@@ -42,12 +48,20 @@ VARIANTS: dict[str, tuple[Path, int | None, int | None, float | None, list[float
     "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
     # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps.
     "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
+    # Round 2, all within the shipped recipe's 2-core CPU budget (a drawing batch costs ~4x an understanding one):
+    "S1-shift2800": (SHIFT2800, None, None, None, None),
+    # a quarter of the understanding batches of the diffusion stage trained by next-token loss (same cost)
+    "S2-arfrac": (SHIFT2800, None, None, None, None, {"ar_fraction": 0.25}),
+    # 53% understanding batches instead of 43%, 3 160 steps: S1's cost, about as many drawing batches (1 490 vs 1 600)
+    "S3-understand53": (SHIFT2800, None, 3160, None, [1.8, 1.8, 3.0, 0.9, 1.0]),
+    # 500 more (cheap) causal steps, 100 fewer diffusion steps (about 2 CPU minutes more than S1)
+    "S4-ar1500": (SHIFT2800, 1500, 2700, None, None),
 }
 
 
 def variant_recipe(name: str, out_dir: Path) -> dict:
     """The recipe of one variant, as a dict, writing its outputs to ``out_dir / name``."""
-    base, ar_steps, diff_steps, diff_lr, weights = VARIANTS[name]
+    base, ar_steps, diff_steps, diff_lr, weights, *rest = VARIANTS[name]
     recipe = copy.deepcopy(yaml.safe_load(base.read_text()))
     recipe["output_dir"] = str(out_dir / name)
     denoisers = [s for s in recipe["stages"] if s["type"] == "denoiser"]
@@ -65,6 +79,8 @@ def variant_recipe(name: str, out_dir: Path) -> dict:
             raise ValueError(f"{name}: {len(weights)} weights for {len(sources)} sources in {base.name}")
         for src, w in zip(sources, weights):
             src["weight"] = w
+    if rest and rest[0]:
+        denoisers[-1]["loss"] = {**denoisers[-1].get("loss", {}), **rest[0]}
     return recipe
 
 
@@ -101,7 +117,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, dict]:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stage in REUSED_STAGES:  # the trainer skips a stage whose output folder exists
             shutil.copytree(Path(args.reuse) / stage, run_dir / stage, dirs_exist_ok=True)
-        cmd = [sys.executable, "-m", "mmdlm.training", str(recipe)] + (["--cpu"] if args.cpu else [])
+        cmd = [sys.executable, "-m", "mmdlm.training", str(recipe)] + (["--cpu"] if args.cpu else []) + \
+            (["--max-steps", str(args.max_steps)] if args.max_steps else [])
         jobs[name] = {"phase": "train", "dir": run_dir, "start": time.time()}
         jobs[name]["proc"] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(run_dir / "train.log", "w"),
                                               stderr=subprocess.STDOUT)
@@ -179,16 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda", help="evaluation device (training picks the GPU if there is one)")
     p.add_argument("--cpu", action="store_true", help="train and evaluate on the CPU")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (a smoke test of the sweep)")
     p.add_argument("--write-only", action="store_true", help="write the variant recipes and stop")
     args = p.parse_args(argv)
     if args.write_only:
         for path in write_recipes(args.variants, Path(args.out)).values():
             print(path)
         return
+    bases = sorted({str(VARIANTS[name][0].relative_to(ROOT)) for name in args.variants})
+    if len(bases) > 1:
+        p.error(f"the variants come from different base recipes ({', '.join(bases)}), whose first stages differ: "
+                "sweep each base's variants separately, each with --reuse pointing at a run of its base")
     missing = [s for s in REUSED_STAGES if not (Path(args.reuse) / s).is_dir()]
     if missing:
-        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train "
-                "configs/experiments/shapes-tiny-a2d.yaml first (or point --reuse at a finished run of it)")
+        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train {bases[0]} first "
+                "(or point --reuse at a finished run of it)")
     summary = run_sweep(args)
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
     table = summary_table(summary)

@@ -20,9 +20,9 @@ def _unweighted(source):
 
 def test_every_variant_is_a_valid_recipe_that_can_reuse_one_runs_stages(tmp_path):
     paths = sweep.write_recipes(list(sweep.VARIANTS), tmp_path)
-    base = load_recipe(sweep.A2D)  # its run is the default --reuse
-    assert base.output_dir == "runs/shapes-tiny-a2d"
+    assert load_recipe(sweep.A2D).output_dir == "runs/shapes-tiny-a2d"  # its run is the default --reuse
     for name, path in paths.items():
+        base = load_recipe(sweep.VARIANTS[name][0])
         r = load_recipe(path)
         assert r.output_dir == str(tmp_path / name)
         # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
@@ -39,6 +39,23 @@ def test_variant_overrides_land_on_the_right_stage(tmp_path):
     r = load_recipe(sweep.write_recipes(["R-ar1000-t2i57"], tmp_path)["R-ar1000-t2i57"])
     assert [s.weight for s in r.data.sources] == [1.2, 1.2, 3.0, 0.6, 1.0]
     assert (r.stages[-2].steps, r.stages[-1].steps, r.stages[-1].lr) == (1000, 2650, 8e-4)
+
+
+def test_round_two_variants_change_only_what_they_say(tmp_path):
+    paths = sweep.write_recipes(["S1-shift2800", "S2-arfrac", "S3-understand53", "S4-ar1500"], tmp_path)
+    s1, s2, s3, s4 = (load_recipe(p) for p in paths.values())
+    assert s1.model.shift_logits and s1.stages[2].steps == 5000  # the shifted base with the longer tower pretraining
+    assert [(s.is_causal, s.steps) for s in s1.stages[3:]] == [(True, 1000), (False, 2800)]
+    assert s2.stages[-1].loss == {**s1.stages[-1].loss, "ar_fraction": 0.25}
+    assert s2.stages[:-1] == s1.stages[:-1]
+    assert [s.weight for s in s3.data.sources] == [1.8, 1.8, 3.0, 0.9, 1.0] and s3.stages[-1].steps == 3160
+    assert (s4.stages[-2].steps, s4.stages[-1].steps) == (1500, 2700)
+
+
+def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--variants", "A-a2d", "S1-shift2800", "--reuse", "nowhere"])
+    assert "different base recipes" in capsys.readouterr().err
 
 
 def test_ar_steps_on_a_recipe_without_a_causal_stage_is_an_error(tmp_path, monkeypatch):
