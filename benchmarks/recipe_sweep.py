@@ -5,7 +5,8 @@ reuse one finished run's image tokenizer, text tokenizer and pretrained vision t
 first three stages they share), so only the denoiser stages train.
 Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffusion-only recipe): on one H200, six
 variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
-Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps).
+Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps):
+prepared and smoke-tested (--max-steps 2 --cpu), not run yet.
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
