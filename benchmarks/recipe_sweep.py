@@ -7,7 +7,7 @@ Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffu
 variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
 Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps):
 prepared and smoke-tested (--max-steps 2 --cpu), not run yet.
-Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-eval.md.
+Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
     python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate round 1 (GPU recommended)
@@ -49,7 +49,9 @@ VARIANTS: dict[str, tuple] = {
     "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
     # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps.
     "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
-    # Round 2, all within the shipped recipe's 2-core CPU budget (a drawing batch costs ~4x an understanding one):
+    # Round 2, all at about the cost of the shipped recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
+    # one (`python benchmarks/recipe_cost.py configs/experiments/shapes-tiny-shift2800.yaml --cpu`, 2-core AVX2 CPU,
+    # fp32: 3.9 vs 0.75 s per diffusion step), so S3 and S4 trade drawing steps for cheap reading steps:
     "S1-shift2800": (SHIFT2800, None, None, None, None),
     # a quarter of the understanding batches of the diffusion stage trained by next-token loss (same cost)
     "S2-arfrac": (SHIFT2800, None, None, None, None, {"ar_fraction": 0.25}),
