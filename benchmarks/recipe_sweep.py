@@ -6,13 +6,14 @@ first three stages they share), so only the denoiser stages train.
 Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffusion-only recipe): on one H200, six
 variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
 Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps):
-prepared and smoke-tested (--max-steps 2 --cpu), not run yet.
+prepared and smoke-tested (--max-steps 2 --cpu), not run yet; its shared first stages are committed in
+benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse).
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
     python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate round 1 (GPU recommended)
     python benchmarks/recipe_sweep.py --variants S1-shift2800 S2-arfrac S3-understand53 S4-ar1500 \\
-        --reuse runs/shapes-tiny-shift2800                            # round 2
+        --reuse benchmarks/results/recipe-sweep/round2-prefix --pack runs/sweep2-pack   # round 2
     python benchmarks/recipe_sweep.py --variants E-diffusion-only --deadline 3600 --cpu
 """
 
@@ -25,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -184,6 +186,50 @@ def summary_table(summary: dict[str, dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def rank_key(report: dict | None) -> tuple:
+    """Sort key of a variant's eval report, best first when sorted in reverse: shippable drawing (drawn digits
+    >= 90%) first, then VQA + caption exact match on the test split, then drawn digits."""
+    splits = (report or {}).get("splits", {})
+    drawn = splits.get("digits", {}).get("drawn_digit_accuracy") or 0.0
+    test = splits.get("test", {})
+    return drawn >= 0.9, (test.get("vqa_accuracy") or 0.0) + (test.get("caption_exact_match") or 0.0), drawn
+
+
+STAGE_FOLDERS = {"model", "checkpoints", "image_tokenizer", "tokenizer", "vision_pretrain"}
+
+
+def pack(sweep_dir: Path, dest: Path, models: int = 2, part_bytes: int = 15 << 20) -> list[Path]:
+    """Bundle a finished sweep for transfer (a GPU machine's output folder takes few, small files): ``results.tar``
+    with every log, metrics file, recipe and evaluation (no weights), and the ``models`` best-ranked variants' final
+    model folders as ``NAME.model.tar.part-NN`` pieces of at most ``part_bytes`` (``cat NAME.model.tar.part-* | tar
+    xf -`` restores ``model/``). Returns the files written."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest / "results.tar", "w") as tar:
+        for path in sorted(sweep_dir.rglob("*")):
+            rel = path.relative_to(sweep_dir)
+            if path.is_file() and not STAGE_FOLDERS.intersection(rel.parts) and \
+                    not any(part.startswith("denoiser") for part in rel.parts[:-1]):
+                tar.add(path, arcname=str(rel))
+    written = [dest / "results.tar"]
+    done = [d for d in sorted(sweep_dir.iterdir()) if (d / "model" / "config.json").is_file()]
+
+    def report(d: Path) -> dict | None:
+        path = d / "eval" / "eval.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    for d in sorted(done, key=lambda d: rank_key(report(d)), reverse=True)[:models]:
+        bundle = dest / f"{d.name}.model.tar"
+        with tarfile.open(bundle, "w") as tar:
+            tar.add(d / "model", arcname="model")
+        with open(bundle, "rb") as f:
+            for i, chunk in enumerate(iter(lambda: f.read(part_bytes), b"")):
+                part = dest / f"{bundle.name}.part-{i:02d}"
+                part.write_bytes(chunk)
+                written.append(part)
+        bundle.unlink()
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="variants:\n" + "\n".join(f"  {n}" for n in VARIANTS))
@@ -200,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", help="evaluation device (training picks the GPU if there is one)")
     p.add_argument("--cpu", action="store_true", help="train and evaluate on the CPU")
     p.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (a smoke test of the sweep)")
+    p.add_argument("--pack", default=None, metavar="DIR",
+                   help="afterwards, bundle the results and the 2 best models into DIR for transfer (see pack())")
     p.add_argument("--write-only", action="store_true", help="write the variant recipes and stop")
     args = p.parse_args(argv)
     if args.write_only:
@@ -219,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     table = summary_table(summary)
     Path(args.out, "summary.md").write_text(table)
     print(table)
+    if args.pack:
+        for path in pack(Path(args.out), Path(args.pack)):
+            print(f"packed {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

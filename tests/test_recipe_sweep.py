@@ -84,3 +84,63 @@ def test_variant_r_is_the_shipped_recipe_before_its_tower_change_and_e_the_diffu
             assert (expected["stages"][-1]["steps"], written["stages"][-1]["steps"]) == (3050, 2650)
             expected["stages"][-1]["steps"] = 2650
         assert written == expected, name
+
+
+def test_rank_key_puts_shippable_drawing_first_then_reading():
+    def report(vqa, em, drawn):
+        return {"splits": {"test": {"vqa_accuracy": vqa, "caption_exact_match": em},
+                           "digits": {"drawn_digit_accuracy": drawn}}}
+    reports = {"reads-best-draws-badly": report(0.9, 0.9, 0.5), "draws": report(0.6, 0.3, 0.95),
+               "draws-reads": report(0.7, 0.5, 0.91), "no-eval": None}
+    order = sorted(reports, key=lambda n: sweep.rank_key(reports[n]), reverse=True)
+    assert order == ["draws-reads", "draws", "reads-best-draws-badly", "no-eval"]
+
+
+def test_pack_bundles_logs_and_the_best_models_in_small_parts(tmp_path):
+    import tarfile
+
+    sweep_dir = tmp_path / "sweep"
+    for name, drawn in (("good", 0.95), ("bad", 0.2), ("unfinished", None)):
+        d = sweep_dir / name
+        (d / "eval").mkdir(parents=True)
+        (d / "metrics.jsonl").write_text('{"step": 1}\n')
+        (d / "vision_pretrain").mkdir()
+        (d / "vision_pretrain" / "model.safetensors").write_bytes(b"x" * 100)
+        if drawn is not None:
+            (d / "model").mkdir()
+            (d / "model" / "config.json").write_text("{}")
+            (d / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 40)  # 10 240 bytes
+            (d / "eval" / "eval.json").write_text(
+                '{"splits": {"digits": {"drawn_digit_accuracy": %s}, "test": {}}}' % drawn)
+    out = tmp_path / "out"
+    written = sweep.pack(sweep_dir, out, models=1, part_bytes=4096)
+    with tarfile.open(out / "results.tar") as tar:
+        names = tar.getnames()
+    assert "good/metrics.jsonl" in names and "good/eval/eval.json" in names
+    assert not [n for n in names if "model" in n.split("/")[:-1] or "vision_pretrain" in n]
+    parts = sorted(p for p in written if ".part-" in p.name)
+    assert parts and all(p.name.startswith("good.model.tar.part-") and p.stat().st_size <= 4096 for p in parts)
+    (tmp_path / "joined.tar").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(tmp_path / "joined.tar") as tar:
+        tar.extractall(tmp_path / "restored", filter="data")
+    assert (tmp_path / "restored" / "model" / "model.safetensors").read_bytes() == bytes(range(256)) * 40
+
+
+def test_the_committed_round_two_prefix_matches_its_recipe():
+    """benchmarks/results/recipe-sweep/round2-prefix holds the S variants' shared stages: reusing it is only sound
+    while it was trained with what their base recipe says."""
+    import json
+
+    prefix = ROOT / "benchmarks" / "results" / "recipe-sweep" / "round2-prefix"
+    recipe = load_recipe(sweep.SHIFT2800)
+    assert all((prefix / stage / "config.json").is_file() or stage == "tokenizer" for stage in sweep.REUSED_STAGES)
+    vq = json.loads((prefix / "image_tokenizer" / "config.json").read_text())
+    assert {k: vq[k] for k in recipe.model.image_tokenizer} == recipe.model.image_tokenizer
+    captioner = json.loads((prefix / "vision_pretrain" / "config.json").read_text())
+    pretrain = recipe.stages[2]
+    assert captioner["vision_config"] == recipe.model.vision_tower
+    assert (captioner["hidden_size"], captioner["num_hidden_layers"]) == (pretrain.hidden_size,
+                                                                          pretrain.num_hidden_layers)
+    vocab = json.loads((prefix / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) <= recipe.tokenizer.vocab_size
+    assert "vision_pretrain" in {json.loads(line)["stage"] for line in (prefix / "metrics.jsonl").open()}
