@@ -6,8 +6,9 @@ first three stages they share), so only the denoiser stages train.
 Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffusion-only recipe): on one H200, six
 variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
 Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps):
-prepared and smoke-tested (--max-steps 2 --cpu), not run yet; its shared first stages are committed in
-benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse).
+prepared and smoke-tested (--max-steps 2 --cpu); its shared first stages are committed in
+benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse). S1 alone was then trained on a CPU and shipped as
+shapes-tiny (configs/shapes-tiny.yaml is now its recipe); S2-S4 have not run.
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 A2D = ROOT / "configs/experiments/shapes-tiny-a2d.yaml"
 DIFFUSION_ONLY = ROOT / "configs/experiments/shapes-tiny-diffusion-only.yaml"  # shipped recipe until 2026-11-27
 SHIFT2800 = ROOT / "configs/experiments/shapes-tiny-shift2800.yaml"
-SHIPPED = ROOT / "configs/shapes-tiny.yaml"
+MAX3050 = ROOT / "configs/experiments/shapes-tiny-max3050.yaml"  # shipped 2026-11-27 to 11-28
 REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
 
 # name -> (base recipe, AR-stage steps, last diffusion stage's steps, its lr, source weights[, loss options of the
@@ -49,9 +50,10 @@ VARIANTS: dict[str, tuple] = {
     "C2-ar4500": (A2D, 4500, 1700, 2e-4, None),
     "D-understand-heavy": (A2D, None, None, 2e-4, [3.0, 3.0, 2.0, 1.0, 1.0]),
     "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
-    # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps.
+    # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps
+    # (MAX3050, shipped until 2026-11-28).
     "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
-    # Round 2, all at about the cost of the shipped recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
+    # Round 2, all at about the cost of the max3050 recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
     # one (`python benchmarks/recipe_cost.py configs/experiments/shapes-tiny-shift2800.yaml --cpu`, 2-core AVX2 CPU,
     # fp32: 3.9 vs 0.75 s per diffusion step), so S3 and S4 trade drawing steps for cheap reading steps:
     "S1-shift2800": (SHIFT2800, None, None, None, None),

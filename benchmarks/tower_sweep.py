@@ -1,10 +1,11 @@
 """Pretrain shapes-tiny's vision tower in a few variants (pooling, resolution, depth) and read each with its captioner.
 
-Each variant is configs/shapes-tiny.yaml up to its `vision_pretrain` stage (the image tokenizer and text tokenizer
-are reused from a finished run) with the tower changed; a 2-step causal denoiser stage stays only because a recipe
-must use the tower it pretrains. The captioner that pretrains the tower (a 2-layer causal decoder) is then scored by
-`mmdlm eval --splits test --no-draw`: how well can a small reader tell colour and shape from the tower's slots?
-About 5 minutes per variant on 2 CPU cores. Results: docs/shapes-tiny-eval.md.
+Each variant is configs/experiments/shapes-tiny-max3050.yaml (the previous shapes-tiny's recipe) up to its
+`vision_pretrain` stage (the image tokenizer and text tokenizer are reused from a finished run) with the tower
+changed; a 2-step causal denoiser stage stays only because a recipe must use the tower it pretrains. The captioner
+that pretrains the tower (a 2-layer causal decoder) is then scored by `mmdlm eval --splits test --no-draw`: how well
+can a small reader tell colour and shape from the tower's slots?
+About 5 minutes per variant on 2 CPU cores. Results: docs/shapes-tiny-history.md.
 
     python benchmarks/tower_sweep.py --write-only
     python benchmarks/tower_sweep.py --reuse runs/shapes-tiny --variants avg max no-pool
@@ -26,13 +27,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "configs/shapes-tiny.yaml"
+# The recipe of the shapes-tiny shipped 2026-11-27 to 11-28, which the sweep was run against.
+BASE = ROOT / "configs/experiments/shapes-tiny-max3050.yaml"
 REUSED_STAGES = ("image_tokenizer", "tokenizer")
 
 # name -> changes to the shipped recipe's model.vision_tower (model_kwargs unchanged).
 VARIANTS: dict[str, dict] = {
     "avg": {"pool_type": "avg"},                              # the tower shipped until 2026-11-27
-    "max": {"pool_type": "max"},                              # = configs/shapes-tiny.yaml now
+    "max": {"pool_type": "max"},                              # = the max3050 recipe
     "no-pool": {"pool_grid": None},                           # all 8x8 = 64 slots
     "avg-128px": {"pool_type": "avg", "image_size": 128},     # the same tower on 2x upsampled images
     "max-layer3": {"pool_type": "max", "select_layer": 3},    # stride 16: a 4x4 map pooled to 3x3
@@ -42,14 +44,14 @@ VARIANTS: dict[str, dict] = {
 
 def variant_recipe(name: str, out_dir: Path) -> dict:
     """The shipped recipe cut after `vision_pretrain` (+ a 2-step causal stage) with variant ``name``'s tower."""
-    recipe = copy.deepcopy(yaml.safe_load(SHIPPED.read_text()))
+    recipe = copy.deepcopy(yaml.safe_load(BASE.read_text()))
     recipe["output_dir"] = str(out_dir / name)
     recipe["model"]["vision_tower"].update(copy.deepcopy(VARIANTS[name]))
     stages = recipe["stages"]
     k = next(i for i, s in enumerate(stages) if s["type"] == "vision_pretrain")
     first_denoiser = stages[k + 1]
     if first_denoiser["type"] != "denoiser":
-        raise ValueError(f"{SHIPPED.name}: expected a denoiser stage right after vision_pretrain")
+        raise ValueError(f"{BASE.name}: expected a denoiser stage right after vision_pretrain")
     first_denoiser.update(steps=2, warmup_steps=1)
     recipe["stages"] = stages[: k + 2]
     return recipe
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     missing = [s for s in REUSED_STAGES if not (Path(args.reuse) / s).is_dir()]
     if missing:
-        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml first")
+        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml (same tokenizer stages) first")
     def one(item: tuple[str, Path]) -> dict:
         print(f"[tower-sweep] {item[0]} ...", flush=True)
         result = run_variant(*item, args)

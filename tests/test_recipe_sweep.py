@@ -74,7 +74,7 @@ def test_summary_table_reads_eval_reports():
 
 
 def test_variant_r_is_the_shipped_recipe_before_its_tower_change_and_e_the_diffusion_only_one(tmp_path):
-    for name, recipe in (("R-ar1000-t2i57", sweep.SHIPPED), ("E-diffusion-only", sweep.DIFFUSION_ONLY)):
+    for name, recipe in (("R-ar1000-t2i57", sweep.MAX3050), ("E-diffusion-only", sweep.DIFFUSION_ONLY)):
         written = load_recipe(sweep.write_recipes([name], tmp_path)[name]).to_dict()
         expected = load_recipe(recipe).to_dict()
         written.pop("output_dir"), expected.pop("output_dir")

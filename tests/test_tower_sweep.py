@@ -12,7 +12,7 @@ _spec.loader.exec_module(sweep)
 
 
 def test_variants_are_the_shipped_recipe_up_to_the_tower_pretraining_with_only_the_tower_changed(tmp_path):
-    shipped = load_recipe(sweep.SHIPPED)
+    shipped = load_recipe(sweep.BASE)
     for name, path in sweep.write_recipes(list(sweep.VARIANTS), tmp_path).items():
         r = load_recipe(path)
         assert r.output_dir == str(tmp_path / name)
@@ -29,7 +29,7 @@ def test_variants_are_the_shipped_recipe_up_to_the_tower_pretraining_with_only_t
 
 def test_max_is_the_shipped_tower(tmp_path):
     r = load_recipe(sweep.write_recipes(["max"], tmp_path)["max"])
-    assert r.model == load_recipe(sweep.SHIPPED).model
+    assert r.model == load_recipe(sweep.BASE).model
 
 
 def test_summary_table_reads_eval_reports():

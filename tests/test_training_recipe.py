@@ -112,7 +112,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
                                   "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
                                   "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
-                                  "experiments/shapes-tiny-shift"])
+                                  "experiments/shapes-tiny-shift", "experiments/shapes-tiny-shift2800",
+                                  "experiments/shapes-tiny-max3050"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -124,8 +125,8 @@ def test_bundled_recipes_load(name):
         assert (ours.pop("channel_mult"), ours.pop("codebook_size")) == ([1, 2], 512) and vq == ours
         return
     assert r.stages[-1].type == "denoiser"
-    if name == "experiments/shapes-tiny-pretrain5000":  # the shipped recipe with a longer vision_pretrain
-        longer, shipped = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny.yaml").to_dict()
+    if name == "experiments/shapes-tiny-pretrain5000":  # the previous model's recipe with a longer vision_pretrain
+        longer, shipped = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-max3050.yaml").to_dict()
         assert [(d["stages"][2]["steps"], d["stages"][-1]["steps"]) for d in (longer, shipped)] == [(5000, 2800),
                                                                                                    (2500, 3050)]
         for d in (longer, shipped):
@@ -143,6 +144,15 @@ def test_bundled_recipes_load(name):
         assert shifted == plain
         assert (polish["tasks"], polish["steps"], polish["lr"], polish["is_causal"]) == (["understanding"], 400, 3e-4,
                                                                                           False)
+    if name == "experiments/shapes-tiny-shift2800":  # the run that trained the shipped model, in its own folder
+        mine, shipped = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny.yaml").to_dict()
+        assert (mine.pop("output_dir"), shipped.pop("output_dir")) == ("runs/shapes-tiny-shift2800", "runs/shapes-tiny")
+        assert mine == shipped
+    if name == "experiments/shapes-tiny-max3050":  # the previous model: no shifted logits, 3 050 diffusion steps
+        old, shipped = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny.yaml").to_dict()
+        assert (old["model"].pop("shift_logits"), shipped["model"].pop("shift_logits")) == (False, True)
+        assert [(d["stages"][2]["steps"], d["stages"][-1]["steps"]) for d in (old, shipped)] == [(2500, 3050),
+                                                                                                (5000, 2800)]
     if name == "experiments/shapes-tiny-switch":  # the switch to diffusion on reading rows only
         (stage,) = r.stages
         assert r.model.init_from == "runs/shapes-tiny-pretrain5000/denoiser1"
@@ -162,7 +172,7 @@ def test_bundled_recipes_load(name):
     if name == "shapes-tiny":
         m = r.model
         assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (256, 6, 8)
-        assert m.vision_tower["pool_grid"] == 3 and m.image_tokenizer["codebook_size"] == 512
+        assert m.vision_tower["pool_grid"] == 3 and m.image_tokenizer["codebook_size"] == 512 and m.shift_logits
         assert r.stages[-1].loss == {"cfg_dropout": 0.1, "padding_weight": "row", "eps": 0.5}
         assert [s.type for s in r.stages] == ["image_tokenizer", "tokenizer", "vision_pretrain", "denoiser", "denoiser"]
         ar, diffusion = r.stages[-2:]  # AR-to-diffusion: a causal next-token stage on the understanding rows first
