@@ -2,7 +2,7 @@
 step logged), time each kind of step, and scale by the stage's real step count and task mixture.
 
     python benchmarks/recipe_cost.py configs/shapes-tiny.yaml --cpu                 # 12 probe steps per stage
-    python benchmarks/recipe_cost.py configs/experiments/shapes-tiny-shift2800.yaml --cpu --probe-steps 20
+    python benchmarks/recipe_cost.py configs/experiments/shapes-tiny-max3050.yaml --cpu --probe-steps 20
 
 A stage whose batches hold one task each (``group_by_task``) is costed per task: a drawing batch of shapes-tiny
 (~290-token rows) costs several times an understanding batch (~60 tokens), so the mixture sets the cost. The first

@@ -5,10 +5,10 @@ reuse one finished run's image tokenizer, text tokenizer and pretrained vision t
 first three stages they share), so only the denoiser stages train.
 Round 1 (2026-11-27, base configs/experiments/shapes-tiny-a2d.yaml and the diffusion-only recipe): on one H200, six
 variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min each on 2 CPU cores).
-Round 2 (S*, base configs/experiments/shapes-tiny-shift2800.yaml: shifted logits, a tower pretrained 5 000 steps):
+Round 2 (S*, base configs/shapes-tiny.yaml: shifted logits, a tower pretrained 5 000 steps):
 prepared and smoke-tested (--max-steps 2 --cpu); its shared first stages are committed in
 benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse). S1 alone was then trained on a CPU and shipped as
-shapes-tiny (configs/shapes-tiny.yaml is now its recipe); S2-S4 have not run.
+shapes-tiny; S2-S4 have not run.
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -36,7 +36,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 A2D = ROOT / "configs/experiments/shapes-tiny-a2d.yaml"
 DIFFUSION_ONLY = ROOT / "configs/experiments/shapes-tiny-diffusion-only.yaml"  # shipped recipe until 2026-11-27
-SHIFT2800 = ROOT / "configs/experiments/shapes-tiny-shift2800.yaml"
+# Round 2's base (shifted logits), trained as S1 and shipped on 2026-11-28: the shipped recipe itself.
+SHIFT2800 = ROOT / "configs/shapes-tiny.yaml"
 MAX3050 = ROOT / "configs/experiments/shapes-tiny-max3050.yaml"  # shipped 2026-11-27 to 11-28
 REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
 
@@ -54,7 +55,7 @@ VARIANTS: dict[str, tuple] = {
     # (MAX3050, shipped until 2026-11-28).
     "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
     # Round 2, all at about the cost of the max3050 recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
-    # one (`python benchmarks/recipe_cost.py configs/experiments/shapes-tiny-shift2800.yaml --cpu`, 2-core AVX2 CPU,
+    # one (`python benchmarks/recipe_cost.py configs/shapes-tiny.yaml --cpu`, 2-core AVX2 CPU,
     # fp32: 3.9 vs 0.75 s per diffusion step), so S3 and S4 trade drawing steps for cheap reading steps:
     "S1-shift2800": (SHIFT2800, None, None, None, None),
     # a quarter of the understanding batches of the diffusion stage trained by next-token loss (same cost)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs/experiments/shapes-tiny-max3050.yaml"
 REUSED_STAGES = ("image_tokenizer", "tokenizer")
 
-# name -> changes to the shipped recipe's model.vision_tower (model_kwargs unchanged).
+# name -> changes to BASE's model.vision_tower (model_kwargs unchanged).
 VARIANTS: dict[str, dict] = {
     "avg": {"pool_type": "avg"},                              # the tower shipped until 2026-11-27
     "max": {"pool_type": "max"},                              # = the max3050 recipe
@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
 
 
 def variant_recipe(name: str, out_dir: Path) -> dict:
-    """The shipped recipe cut after `vision_pretrain` (+ a 2-step causal stage) with variant ``name``'s tower."""
+    """BASE cut after `vision_pretrain` (+ a 2-step causal stage) with variant ``name``'s tower."""
     recipe = copy.deepcopy(yaml.safe_load(BASE.read_text()))
     recipe["output_dir"] = str(out_dir / name)
     recipe["model"]["vision_tower"].update(copy.deepcopy(VARIANTS[name]))
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     missing = [s for s in REUSED_STAGES if not (Path(args.reuse) / s).is_dir()]
     if missing:
-        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml (same tokenizer stages) first")
+        p.error(f"--reuse {args.reuse} lacks {', '.join(missing)}: train configs/shapes-tiny.yaml first "
+                "(its tokenizer stages are the same)")
     def one(item: tuple[str, Path]) -> dict:
         print(f"[tower-sweep] {item[0]} ...", flush=True)
         result = run_variant(*item, args)
