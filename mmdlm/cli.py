@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png", help="where to save the PNG (default: out.png)")
     p.add_argument("--image-steps", type=int, default=None, help="decoding steps (default: model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the image codes (default 1.0; 0 = argmax, the same image every time)")
     p.add_argument("--seed", type=int, default=None, help="random seed for a reproducible image")
     _add_model_args(p)
 
@@ -173,7 +175,8 @@ def _cmd_draw(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
         raise UsageError(f"cannot write {args.output!r}: folder {out_dir!r} does not exist")
     pipe = _load(args)
-    image = pipe.generate_image(args.prompt, steps=args.image_steps, guidance_scale=args.guidance_scale, seed=args.seed)
+    image = pipe.generate_image(args.prompt, steps=args.image_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                                temperature=args.temperature)
     image.save(args.output)
     stats = pipe.last_stats.to_dict() if pipe.last_stats else None
     _emit(args, {"prompt": args.prompt, "output": args.output, "size": list(image.size), "stats": stats},

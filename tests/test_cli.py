@@ -96,6 +96,19 @@ def test_draw_writes_a_png(capsys, tiny_model_dir, tmp_path):
     assert result["stats"]["forward_passes"] == 2
 
 
+def test_draw_temperature_zero_ignores_the_seed(capsys, tiny_model_dir, tmp_path):
+    def draw(seed: int, temperature: str) -> bytes:
+        target = tmp_path / f"{seed}-{temperature}.png"
+        code, _, err = run(capsys, "draw", "a large red circle at the center.", "-o", target, "--model",
+                           tiny_model_dir, "--seed", seed, "--image-steps", "2", "--temperature", temperature)
+        assert code == 0, err
+        with Image.open(target) as im:
+            return im.tobytes()
+
+    assert draw(0, "0") == draw(1, "0")  # argmax decoding: no randomness left
+    assert draw(0, "1") != draw(1, "1")  # sampled codes: the seed matters, so the flag reached the sampler
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -86,3 +86,13 @@ def test_cli_sampler_options_reach_the_pipeline(monkeypatch, capsys):
     main(["--splits", "test", "--n", str(N), "--no-draw", "--steps", "8", "--block-length", "4", "--threshold", "0.5"])
     assert pipe.sampling and all(s == {"steps": 8, "block_length": 4, "threshold": 0.5} for s in pipe.sampling)
     assert "| test | 100.0% | 100.0% |" in capsys.readouterr().out
+
+
+def test_cli_drawing_options_reach_generate_image(monkeypatch):
+    import mmdlm
+    from mmdlm.eval.evaluate import main
+
+    pipe = OraclePipe()
+    monkeypatch.setattr(mmdlm, "load", lambda model, device=None: pipe)
+    main(["--splits", "test", "--n", "2", "--image-steps", "6", "--guidance-scale", "1.5", "--image-temperature", "0.5"])
+    assert pipe.drawing and all(d == {"steps": 6, "guidance_scale": 1.5, "temperature": 0.5} for d in pipe.drawing)

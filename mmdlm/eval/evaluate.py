@@ -35,7 +35,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
                     drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
     """VQA accuracy by question type, caption exact match / per-attribute accuracy, and drawing correctness on
     ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler, ``drawing`` (``steps``,
-    ``guidance_scale``) to ``generate_image``. Returns (metrics, samples for the report grids)."""
+    ``guidance_scale``, ``temperature``) to ``generate_image``. Returns (metrics, samples for the report grids)."""
     sampling, drawing = sampling or {}, drawing or {}
     world = ShapesWorld(split, n, seed)
     samples = list(world)
@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=None,
                    help="fast sampler's confidence threshold for parallel commits (default: model's config)")
     p.add_argument("--image-steps", type=int, default=None, help="MaskGIT drawing steps (default: model's config)")
+    p.add_argument("--image-temperature", type=float, default=None,
+                   help="MaskGIT sampling temperature for drawing (default: model's config; 0 = argmax)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance for drawing (default: model's config; 0 = off, e.g. for a model "
                    "trained without caption dropout such as the AR twin)")
@@ -203,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = load(args.model, device=args.device)
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("block_length", args.block_length),
                                   ("threshold", args.threshold)) if v is not None}
-    drawing = {k: v for k, v in (("steps", args.image_steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    drawing = {k: v for k, v in (("steps", args.image_steps), ("guidance_scale", args.guidance_scale),
+                                 ("temperature", args.image_temperature)) if v is not None}
     results = run_evaluation(pipe, splits=args.splits, n=args.n, batch_size=args.batch_size, draw=not args.no_draw,
                              sampling=sampling, drawing=drawing, out_dir=args.out)
     print(format_table(results))
