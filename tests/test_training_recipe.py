@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdlm.training.recipe import DenoiserStage, RecipeError, ShapesSource, load_recipe, recipe_from_dict
+from mmdlm.training.data_recipe import ShapesSource
+from mmdlm.training.recipe import DenoiserStage, RecipeError, load_recipe, recipe_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,7 +11,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .recipe import DataRecipe, TASKS
+from .data_recipe import DataRecipe
+from .recipe import TASKS
 
 IMAGE_TOKEN = "<image>"
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .schema import RecipeError, build, describe
+from .data_recipe import DataRecipe, check_source
+from .schema import RecipeError, build, check_positive, describe
 
 TASKS = ("text", "understanding", "t2i")
 
@@ -52,95 +53,6 @@ class ModelRecipe:
     generation: Optional[dict[str, Any]] = None
     init_from: Optional[str] = None
     vision_tower_from: Optional[str] = None
-
-
-# ---------------------------------------------------------------------------------------------------- data sources
-
-
-@dataclass
-class ShapesSource:
-    """The procedural Shapes world: the first ``n`` scenes of ``split`` (``mmdlm.data.shapes.shapes_examples``)."""
-
-    type: Literal["shapes"] = "shapes"
-    split: str = "train"
-    n: int = 1000
-    seed: int = 0
-    tasks: list[str] = field(default_factory=lambda: ["caption", "vqa", "t2i"])
-    weight: float = 1.0
-
-
-@dataclass
-class DigitsSource:
-    """scikit-learn's handwritten digits upscaled to 64 px (``mmdlm.data.digits.digit_examples``)."""
-
-    type: Literal["digits"] = "digits"
-    split: str = "train"
-    tasks: list[str] = field(default_factory=lambda: ["vqa", "caption", "t2i"])
-    weight: float = 1.0
-
-
-@dataclass
-class LlavaJsonSource:
-    """A LLaVA conversation JSON/JSONL file; image paths are relative to ``image_folder``."""
-
-    type: Literal["llava_json"] = "llava_json"
-    path: str = ""
-    image_folder: Optional[str] = None
-    weight: float = 1.0
-
-
-@dataclass
-class ImageFolderSource:
-    """``datasets``' imagefolder layout (images + metadata.jsonl); ``task`` is "caption" or "t2i"."""
-
-    type: Literal["imagefolder"] = "imagefolder"
-    dir: str = ""
-    task: str = "caption"
-    split: str = "train"
-    text_column: str = "text"
-    prompt: Optional[str] = None
-    weight: float = 1.0
-
-
-@dataclass
-class TableSource:
-    """A JSON/JSONL/Parquet table with an image column and a text column; ``task`` is caption, vqa or t2i."""
-
-    type: Literal["table"] = "table"
-    path: str = ""
-    image_column: str = "image"
-    text_column: str = "text"
-    task: str = "caption"
-    image_root: Optional[str] = None
-    prompt: Optional[str] = None
-    question_column: str = "question"
-    weight: float = 1.0
-
-
-@dataclass
-class TextSource:
-    """Plain text for the text task: a .txt file (one example per non-empty line) or JSON/JSONL records
-    holding ``field``."""
-
-    type: Literal["text"] = "text"
-    path: str = ""
-    field: str = "text"
-    weight: float = 1.0
-
-
-Source = Union[ShapesSource, DigitsSource, LlavaJsonSource, ImageFolderSource, TableSource, TextSource]
-
-
-@dataclass
-class DataRecipe:
-    """The training mixture (each source is drawn with probability proportional to its ``weight``), optional
-    held-out ``eval_sources`` (their first ``eval_examples`` examples give the eval loss), and what to do with
-    an example whose image is missing: ``"error"`` stops before training, ``"skip"`` drops it and reports a count."""
-
-    sources: list[Source] = field(default_factory=list)
-    eval_sources: list[Source] = field(default_factory=list)
-    eval_examples: int = 64
-    on_missing: str = "error"
 
 
 @dataclass
@@ -292,18 +204,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _positive(value: float | int, path: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise RecipeError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
 def _check_stage(stage: Any, path: str) -> None:
     if isinstance(stage, TokenizerStage):
         return
     for key in ("steps", "batch_size", "lr"):
-        _positive(getattr(stage, key), f"{path}.{key}")
+        check_positive(getattr(stage, key), f"{path}.{key}")
     for key in ("warmup_steps", "weight_decay", "grad_clip", "log_every", "eval_every", "save_every"):
-        _positive(getattr(stage, key), f"{path}.{key}", allow_zero=True)
+        check_positive(getattr(stage, key), f"{path}.{key}", allow_zero=True)
     if stage.keep_checkpoints < 1:
         raise RecipeError(f"{path}.keep_checkpoints: must be >= 1, got {stage.keep_checkpoints}")
     if stage.schedule not in ("cosine", "linear", "constant"):
@@ -312,22 +219,22 @@ def _check_stage(stage: Any, path: str) -> None:
         raise RecipeError(f"{path}.min_lr_ratio: must be in [0, 1], got {stage.min_lr_ratio}")
     if isinstance(stage, VisionPretrainStage):
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-            _positive(getattr(stage, key), f"{path}.{key}")
+            check_positive(getattr(stage, key), f"{path}.{key}")
         if stage.hidden_size % stage.num_attention_heads:
             raise RecipeError(f"{path}.hidden_size: {stage.hidden_size} is not divisible by num_attention_heads "
                               f"{stage.num_attention_heads}")
         stage = stage.as_denoiser_stage()
     if isinstance(stage, DenoiserStage):
-        _positive(stage.grad_accum, f"{path}.grad_accum")
-        _positive(stage.max_length, f"{path}.max_length")
+        check_positive(stage.grad_accum, f"{path}.grad_accum")
+        check_positive(stage.max_length, f"{path}.max_length")
         if stage.vision_tower_lr is not None:
-            _positive(stage.vision_tower_lr, f"{path}.vision_tower_lr", allow_zero=True)
+            check_positive(stage.vision_tower_lr, f"{path}.vision_tower_lr", allow_zero=True)
         if len(stage.betas) != 2 or not all(0.0 <= b < 1.0 for b in stage.betas):
             raise RecipeError(f"{path}.betas: expected two values in [0, 1), got {stage.betas}")
         for task, w in stage.task_weights.items():
             if task not in TASKS:
                 raise RecipeError(f"{path}.task_weights.{task}: unknown task; use any of {list(TASKS)}")
-            _positive(w, f"{path}.task_weights.{task}", allow_zero=True)
+            check_positive(w, f"{path}.task_weights.{task}", allow_zero=True)
         if stage.tasks is not None:
             if not stage.tasks:
                 raise RecipeError(f"{path}.tasks: empty; list some of {list(TASKS)} or drop the key to train on all")
@@ -339,26 +246,17 @@ def _check_stage(stage: Any, path: str) -> None:
                 raise RecipeError(f"{path}.freeze[{i}]: empty parameter prefix")
 
 
-def _check_source(src: Any, path: str) -> None:
-    _positive(src.weight, f"{path}.weight")
-    required = {"llava_json": "path", "imagefolder": "dir", "table": "path", "text": "path"}.get(src.type)
-    if required and not getattr(src, required):
-        raise RecipeError(f"{path}.{required}: required for a {src.type!r} source")
-    if isinstance(src, ShapesSource):
-        _positive(src.n, f"{path}.n")
-
-
 def validate(recipe: Recipe) -> Recipe:
     """Value checks beyond types (positive sizes, known choices, stage order); returns the recipe."""
     if recipe.data.on_missing not in ("error", "skip"):
         raise RecipeError(f"data.on_missing: expected 'error' or 'skip', got {recipe.data.on_missing!r}")
     for i, src in enumerate(recipe.data.sources):
-        _check_source(src, f"data.sources[{i}]")
+        check_source(src, f"data.sources[{i}]")
     for i, src in enumerate(recipe.data.eval_sources):
-        _check_source(src, f"data.eval_sources[{i}]")
-    _positive(recipe.data.eval_examples, "data.eval_examples")
+        check_source(src, f"data.eval_sources[{i}]")
+    check_positive(recipe.data.eval_examples, "data.eval_examples")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
-        _positive(getattr(recipe.model, key), f"model.{key}")
+        check_positive(getattr(recipe.model, key), f"model.{key}")
     if recipe.model.image_tokenizer is not None:
         _check_vq_fields(recipe.model.image_tokenizer)
     if recipe.model.generation:

@@ -16,6 +16,12 @@ class RecipeError(ValueError):
     """A recipe is malformed; the message starts with the key path of the offending value."""
 
 
+def check_positive(value: float | int, path: str, allow_zero: bool = False) -> None:
+    """Raise :class:`RecipeError` at ``path`` unless ``value`` > 0 (>= 0 with ``allow_zero``)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
 def describe(value: Any) -> str:
     """Type and (shortened) repr of a value, for error messages: ``str 'fast'``."""
     text = repr(value)
