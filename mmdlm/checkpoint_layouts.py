@@ -150,7 +150,7 @@ def _siglip_config(cfg: dict, folder: Path, notes: list[str]) -> dict[str, Any]:
     else:
         found = None
     if found is None and isinstance(tower, str) and "so400m-patch14-384" in tower:
-        from .vision.towers import SIGLIP_SO400M_384
+        from .vision.tower_config import SIGLIP_SO400M_384
 
         found, where = dict(SIGLIP_SO400M_384), f"the built-in shape of {tower}"
     if found is None:

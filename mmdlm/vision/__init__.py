@@ -17,7 +17,8 @@ from .image_processing import (
 )
 from .image_tokenizer import VQConfig, VQImageTokenizer
 from .projector import build_projector
-from .towers import SIGLIP_SO400M_384, VisionTower, create_vision_tower
+from .tower_config import SIGLIP_SO400M_384
+from .towers import VisionTower, create_vision_tower
 
 __all__ = [
     "ImageLoadError",
