@@ -16,17 +16,18 @@ N = 8
 
 class OraclePipe:
     """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
-    that question type wrongly. Records the drawing options it was given."""
+    that question type wrongly, ``wrong_objects`` every question about a scene with that many objects. Records the drawing options it was given."""
 
-    def __init__(self, wrong_qtype=None):
+    def __init__(self, wrong_qtype=None, wrong_objects=None, n=N):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
         self.answers, self.renders, self.drawing, self.sampling = {}, {}, [], []
         for split in ("test", "compositional"):
-            for s in ShapesWorld(split, N, EVAL_SEED):
+            for s in ShapesWorld(split, n, EVAL_SEED):
                 key = s.image.tobytes()
                 self.answers[key, CAPTION_PROMPT] = s.caption
                 for qa in s.qas:
-                    self.answers[key, qa.question] = "wrong" if qa.qtype == wrong_qtype else qa.answer
+                    wrong = qa.qtype == wrong_qtype or len(s.scene.shapes) == wrong_objects
+                    self.answers[key, qa.question] = "wrong" if wrong else qa.answer
                 self.renders[s.caption] = s.image
         for img, label in load_digit_images("test"):
             self.answers[img.tobytes(), DIGIT_QUESTION] = DIGIT_WORDS[label]
@@ -70,6 +71,14 @@ def test_a_wrong_question_type_shows_in_its_column_only():
     assert 0.0 < m["vqa_accuracy"] < 1.0 and m["caption_exact_match"] == 1.0
     assert "t2i_all_correct" not in m
     assert "count 0.0%" in format_table(results)
+
+
+def test_questions_on_scenes_of_one_object_count_show_in_their_column_only():
+    results = run_evaluation(OraclePipe(wrong_objects=2, n=24), splits=["test"], n=24, draw=False)
+    by_objects = results["splits"]["test"]["vqa_by_objects"]
+    assert set(by_objects) == {"1", "2", "3"} and by_objects["2"] == 0.0
+    assert by_objects["1"] == by_objects["3"] == 1.0
+    assert "2: 0.0%" in format_table(results)
 
 
 def test_unknown_split_is_refused():

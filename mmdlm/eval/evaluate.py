@@ -33,7 +33,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: bool = True, sampling: dict | None = None,
                     drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
-    """VQA accuracy by question type, caption exact match / per-attribute accuracy, and drawing correctness on
+    """VQA accuracy by question type and by the scene's number of objects, caption exact match / per-attribute accuracy, and drawing correctness on
     ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler, ``drawing`` (``steps``,
     ``guidance_scale``, ``temperature``) to ``generate_image``. Returns (metrics, samples for the report grids)."""
     sampling, drawing = sampling or {}, drawing or {}
@@ -42,10 +42,13 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     rng = random.Random(seed)
     questions = [(s, rng.choice(s.qas)) for s in samples if s.qas]
     by_type: dict[str, list[bool]] = defaultdict(list)
+    by_objects: dict[str, list[bool]] = defaultdict(list)  # a question is harder when other objects can be confused
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
         for (s, qa), a in zip(chunk, answers):
-            by_type[qa.qtype].append(a.strip().rstrip(".").lower() == qa.answer.lower())
+            right = a.strip().rstrip(".").lower() == qa.answer.lower()
+            by_type[qa.qtype].append(right)
+            by_objects[str(len(s.scene.shapes))].append(right)
     captions, cap_scores = [], []
     for chunk in _batched(samples, batch_size):
         preds = pipe.caption([s.image for s in chunk], **sampling)
@@ -55,6 +58,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
         "n": n,
         "vqa_accuracy": _mean([x for v in by_type.values() for x in v]),
         "vqa_by_type": {k: _mean(v) for k, v in sorted(by_type.items())},
+        "vqa_by_objects": {k: _mean(v) for k, v in sorted(by_objects.items())},
         "caption_exact_match": _mean([c["exact_match"] for c in cap_scores]),
         "caption_attribute_accuracy": {
             a: _mean([c[a] for c in cap_scores]) for a in ("color", "shape", "size", "position")
@@ -111,6 +115,10 @@ def format_table(results: dict) -> str:
                for s, m in results["splits"].items() if m.get("vqa_by_type")]
     if by_type:
         lines += ["", "| split | VQA accuracy by question type |", "|---|---|"] + by_type
+    by_objects = [f"| {s} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["vqa_by_objects"].items()) + " |"
+                  for s, m in results["splits"].items() if m.get("vqa_by_objects")]
+    if by_objects:
+        lines += ["", "| split | VQA accuracy by number of objects in the scene |", "|---|---|"] + by_objects
     return "\n".join(lines)
 
 
