@@ -16,7 +16,8 @@ N = 8
 
 class OraclePipe:
     """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
-    that question type wrongly, ``wrong_objects`` every question about a scene with that many objects. Records the drawing options it was given."""
+    that question type wrongly, ``wrong_objects`` every question about a scene with that many objects. Records
+    the drawing options it was given."""
 
     def __init__(self, wrong_qtype=None, wrong_objects=None, n=N):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
@@ -103,5 +104,6 @@ def test_cli_drawing_options_reach_generate_image(monkeypatch):
 
     pipe = OraclePipe()
     monkeypatch.setattr(mmdlm, "load", lambda model, device=None: pipe)
-    main(["--splits", "test", "--n", "2", "--image-steps", "6", "--guidance-scale", "1.5", "--image-temperature", "0.5"])
+    main(["--splits", "test", "--n", "2", "--image-steps", "6", "--guidance-scale", "1.5",
+          "--image-temperature", "0.5"])
     assert pipe.drawing and all(d == {"steps": 6, "guidance_scale": 1.5, "temperature": 0.5} for d in pipe.drawing)

@@ -33,9 +33,10 @@ def _mean(xs: Sequence[float]) -> float:
 
 def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: bool = True, sampling: dict | None = None,
                     drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
-    """VQA accuracy by question type and by the scene's number of objects, caption exact match / per-attribute accuracy, and drawing correctness on
-    ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler, ``drawing`` (``steps``,
-    ``guidance_scale``, ``temperature``) to ``generate_image``. Returns (metrics, samples for the report grids)."""
+    """VQA accuracy by question type and by the scene's number of objects, caption exact match / per-attribute
+    accuracy, and drawing correctness on ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler,
+    ``drawing`` (``steps``, ``guidance_scale``, ``temperature``) to ``generate_image``. Returns (metrics, samples
+    for the report grids)."""
     sampling, drawing = sampling or {}, drawing or {}
     world = ShapesWorld(split, n, seed)
     samples = list(world)
@@ -115,8 +116,8 @@ def format_table(results: dict) -> str:
                for s, m in results["splits"].items() if m.get("vqa_by_type")]
     if by_type:
         lines += ["", "| split | VQA accuracy by question type |", "|---|---|"] + by_type
-    by_objects = [f"| {s} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["vqa_by_objects"].items()) + " |"
-                  for s, m in results["splits"].items() if m.get("vqa_by_objects")]
+    by_objects = [f"| {s} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["vqa_by_objects"].items())
+                  + " |" for s, m in results["splits"].items() if m.get("vqa_by_objects")]
     if by_objects:
         lines += ["", "| split | VQA accuracy by number of objects in the scene |", "|---|---|"] + by_objects
     return "\n".join(lines)
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fast sampler's confidence threshold for parallel commits (default: model's config)")
     p.add_argument("--image-steps", type=int, default=None, help="MaskGIT drawing steps (default: model's config)")
     p.add_argument("--image-temperature", type=float, default=None,
-                   help="MaskGIT sampling temperature for drawing (default: model's config; 0 = argmax)")
+                   help="MaskGIT sampling temperature for drawing (default 1.0; 0 = argmax)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance for drawing (default: model's config; 0 = off, e.g. for a model "
                    "trained without caption dropout such as the AR twin)")
