@@ -30,6 +30,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import yaml
 
@@ -41,54 +42,80 @@ SHIFT2800 = ROOT / "configs/shapes-tiny.yaml"
 MAX3050 = ROOT / "configs/experiments/shapes-tiny-max3050.yaml"  # shipped 2026-11-27 to 11-28
 REUSED_STAGES = ("image_tokenizer", "tokenizer", "vision_pretrain")
 
-# name -> (base recipe, AR-stage steps, last diffusion stage's steps, its lr, source weights[, loss options of the
-# last stage, merged into the base's]). None keeps the base's. Source weights are in the base's order: shapes
-# caption, shapes vqa, shapes t2i, digits vqa+caption, digits t2i.
-VARIANTS: dict[str, tuple] = {
-    "A-a2d": (A2D, None, None, None, None),
-    "B-a2d-lr2e-4": (A2D, None, None, 2e-4, None),
-    "C-ar3000": (A2D, 3000, 2200, 2e-4, None),
-    "C2-ar4500": (A2D, 4500, 1700, 2e-4, None),
-    "D-understand-heavy": (A2D, None, None, 2e-4, [3.0, 3.0, 2.0, 1.0, 1.0]),
-    "E-diffusion-only": (DIFFUSION_ONLY, None, None, None, None),
+class Variant(NamedTuple):
+    """One variant: a base recipe with some denoiser-stage settings changed (None keeps the base's)."""
+
+    base: Path
+    ar_steps: Optional[int] = None        # the causal (first denoiser) stage's steps
+    diff_steps: Optional[int] = None      # the last (diffusion) stage's steps
+    lr: Optional[float] = None            # the last stage's lr
+    # Source weights in the base's order (shapes caption, shapes vqa, shapes t2i, digits vqa+caption, digits t2i).
+    weights: Optional[list[float]] = None
+    loss: Optional[dict] = None           # loss options of the last stage, merged into the base's
+    # Field overrides of the base's sources by index ({1: {"n": 30000}}), then sources appended. The reused first
+    # stages saw the base's data; the variant changes only what its denoiser stages see.
+    sources: Optional[dict[int, dict]] = None
+    add_sources: Optional[list[dict]] = None
+
+
+VARIANTS: dict[str, Variant] = {
+    "A-a2d": Variant(A2D),
+    "B-a2d-lr2e-4": Variant(A2D, lr=2e-4),
+    "C-ar3000": Variant(A2D, 3000, 2200, 2e-4),
+    "C2-ar4500": Variant(A2D, 4500, 1700, 2e-4),
+    "D-understand-heavy": Variant(A2D, lr=2e-4, weights=[3.0, 3.0, 2.0, 1.0, 1.0]),
+    "E-diffusion-only": Variant(DIFFUSION_ONLY),
     # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps
     # (MAX3050, shipped until 2026-11-28).
-    "R-ar1000-t2i57": (A2D, 1000, 2650, None, [1.2, 1.2, 3.0, 0.6, 1.0]),
+    "R-ar1000-t2i57": Variant(A2D, 1000, 2650, weights=[1.2, 1.2, 3.0, 0.6, 1.0]),
     # Round 2, all at about the cost of the max3050 recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
     # one (`python benchmarks/recipe_cost.py configs/shapes-tiny.yaml --cpu`, 2-core AVX2 CPU,
     # fp32: 3.9 vs 0.75 s per diffusion step), so S3 and S4 trade drawing steps for cheap reading steps:
-    "S1-shift2800": (SHIFT2800, None, None, None, None),
+    "S1-shift2800": Variant(SHIFT2800),
     # a quarter of the understanding batches of the diffusion stage trained by next-token loss (same cost)
-    "S2-arfrac": (SHIFT2800, None, None, None, None, {"ar_fraction": 0.25}),
+    "S2-arfrac": Variant(SHIFT2800, loss={"ar_fraction": 0.25}),
     # 53% understanding batches instead of 43%, 3 160 steps: S1's cost, about as many drawing batches (1 490 vs 1 600)
-    "S3-understand53": (SHIFT2800, None, 3160, None, [1.8, 1.8, 3.0, 0.9, 1.0]),
+    "S3-understand53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 1.8, 3.0, 0.9, 1.0]),
     # 500 more (cheap) causal steps, 100 fewer diffusion steps (about 2 CPU minutes more than S1)
-    "S4-ar1500": (SHIFT2800, 1500, 2700, None, None),
+    "S4-ar1500": Variant(SHIFT2800, 1500, 2700),
+    # Round 3, against S1's binding failure (VQA 88% on one-object scenes, 55% on three). S1's understanding rows
+    # come from 6 000 scenes with one question of each type each (train understanding loss 0.20 vs held-out 0.53 at
+    # the end), so: the captions and questions of 30 000 scenes (same rows per step, same cost)...
+    "S5-scenes30k": Variant(SHIFT2800, sources={0: {"n": 30000}, 1: {"n": 30000}}),
+    # ...half of the VQA rows replaced by conversations asking all of a scene's questions (and its caption) at once:
+    # one image, ~7 supervised answers; understanding rows about twice as long...
+    "S6-chat": Variant(SHIFT2800, weights=[1.2, 0.6, 3.0, 0.6, 1.0],
+                       add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": 0.6}]),
+    # ...and S4's longer causal stage on S5's scenes.
+    "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
 }
 
 
 def variant_recipe(name: str, out_dir: Path) -> dict:
     """The recipe of one variant, as a dict, writing its outputs to ``out_dir / name``."""
-    base, ar_steps, diff_steps, diff_lr, weights, *rest = VARIANTS[name]
-    recipe = copy.deepcopy(yaml.safe_load(base.read_text()))
+    v = VARIANTS[name]
+    recipe = copy.deepcopy(yaml.safe_load(v.base.read_text()))
     recipe["output_dir"] = str(out_dir / name)
     denoisers = [s for s in recipe["stages"] if s["type"] == "denoiser"]
-    if ar_steps is not None:
+    if v.ar_steps is not None:
         if not denoisers[0].get("is_causal"):
-            raise ValueError(f"{name}: AR steps given but {base.name} has no causal denoiser stage")
-        denoisers[0]["steps"] = ar_steps
-    if diff_steps is not None:
-        denoisers[-1]["steps"] = diff_steps
-    if diff_lr is not None:
-        denoisers[-1]["lr"] = diff_lr
-    if weights is not None:
-        sources = recipe["data"]["sources"]
-        if len(sources) != len(weights):
-            raise ValueError(f"{name}: {len(weights)} weights for {len(sources)} sources in {base.name}")
-        for src, w in zip(sources, weights):
+            raise ValueError(f"{name}: AR steps given but {v.base.name} has no causal denoiser stage")
+        denoisers[0]["steps"] = v.ar_steps
+    if v.diff_steps is not None:
+        denoisers[-1]["steps"] = v.diff_steps
+    if v.lr is not None:
+        denoisers[-1]["lr"] = v.lr
+    sources = recipe["data"]["sources"]
+    if v.weights is not None:
+        if len(sources) != len(v.weights):
+            raise ValueError(f"{name}: {len(v.weights)} weights for {len(sources)} sources in {v.base.name}")
+        for src, w in zip(sources, v.weights):
             src["weight"] = w
-    if rest and rest[0]:
-        denoisers[-1]["loss"] = {**denoisers[-1].get("loss", {}), **rest[0]}
+    for index, fields in (v.sources or {}).items():
+        sources[index].update(fields)
+    sources.extend(copy.deepcopy(v.add_sources or []))
+    if v.loss:
+        denoisers[-1]["loss"] = {**denoisers[-1].get("loss", {}), **v.loss}
     return recipe
 
 
@@ -98,7 +125,7 @@ def write_recipes(names: list[str], out_dir: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in names:
-        base = VARIANTS[name][0].relative_to(ROOT)
+        base = VARIANTS[name].base.relative_to(ROOT)
         text = f"# recipe-sweep variant {name} (from {base}; written by benchmarks/recipe_sweep.py)\n"
         paths[name] = folder / f"{name}.yaml"
         paths[name].write_text(text + yaml.safe_dump(variant_recipe(name, out_dir), sort_keys=False))
@@ -257,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_recipes(args.variants, Path(args.out)).values():
             print(path)
         return
-    bases = sorted({str(VARIANTS[name][0].relative_to(ROOT)) for name in args.variants})
+    bases = sorted({str(VARIANTS[name].base.relative_to(ROOT)) for name in args.variants})
     if len(bases) > 1:
         p.error(f"the variants come from different base recipes ({', '.join(bases)}), whose first stages differ: "
                 "sweep each base's variants separately, each with --reuse pointing at a run of its base")

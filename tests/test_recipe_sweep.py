@@ -22,13 +22,15 @@ def test_every_variant_is_a_valid_recipe_that_can_reuse_one_runs_stages(tmp_path
     paths = sweep.write_recipes(list(sweep.VARIANTS), tmp_path)
     assert load_recipe(sweep.A2D).output_dir == "runs/shapes-tiny-a2d"  # its run is the default --reuse
     for name, path in paths.items():
-        base = load_recipe(sweep.VARIANTS[name][0])
+        variant = sweep.VARIANTS[name]
+        base = load_recipe(variant.base)
         r = load_recipe(path)
         assert r.output_dir == str(tmp_path / name)
         # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
         assert r.stages[:3] == base.stages[:3], name
         assert r.model == base.model and r.seed == base.seed, name
-        assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in base.data.sources], name
+        if not (variant.sources or variant.add_sources):
+            assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in base.data.sources], name
 
 
 def test_variant_overrides_land_on_the_right_stage(tmp_path):
@@ -52,6 +54,19 @@ def test_round_two_variants_change_only_what_they_say(tmp_path):
     assert (s4.stages[-2].steps, s4.stages[-1].steps) == (1500, 2700)
 
 
+def test_round_three_variants_change_the_denoiser_data_only_where_they_say(tmp_path):
+    paths = sweep.write_recipes(["S1-shift2800", "S5-scenes30k", "S6-chat", "S7-ar1500-scenes30k"], tmp_path)
+    s1, s5, s6, s7 = (load_recipe(p) for p in paths.values())
+    assert [s.n for s in s5.data.sources[:3]] == [30000, 30000, 6000] and s5.data.sources[3:] == s1.data.sources[3:]
+    assert s5.stages[:-1] == s1.stages[:-1] and s5.stages[-1] == s1.stages[-1]
+    assert [s.weight for s in s6.data.sources] == [1.2, 0.6, 3.0, 0.6, 1.0, 0.6]
+    assert (s6.data.sources[-1].tasks, s6.data.sources[-1].n) == (["chat"], 6000)
+    assert sum(s.weight for s in s6.data.sources if s.tasks != ["t2i"]) == pytest.approx(
+        sum(s.weight for s in s1.data.sources if s.tasks != ["t2i"]))  # as many understanding batches as S1
+    assert s7.data.sources == s5.data.sources and (s7.stages[-2].steps, s7.stages[-1].steps) == (1500, 2700)
+    assert s1.data.eval_sources == s5.data.eval_sources == s6.data.eval_sources  # same held-out eval loss
+
+
 def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "A-a2d", "S1-shift2800", "--reuse", "nowhere"])
@@ -59,7 +74,7 @@ def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
 
 
 def test_ar_steps_on_a_recipe_without_a_causal_stage_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sweep.VARIANTS, "bad", (sweep.DIFFUSION_ONLY, 100, None, None, None))
+    monkeypatch.setitem(sweep.VARIANTS, "bad", sweep.Variant(sweep.DIFFUSION_ONLY, ar_steps=100))
     with pytest.raises(ValueError, match="no causal denoiser stage"):
         sweep.variant_recipe("bad", tmp_path)
 
