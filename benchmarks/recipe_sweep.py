@@ -88,6 +88,10 @@ VARIANTS: dict[str, Variant] = {
                        add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": 0.6}]),
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
+    # S3's mixture and steps with half of its VQA rows as S6's conversations.
+    "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
+                         add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"],
+                                       "weight": 0.9}]),
 }
 
 
