@@ -16,10 +16,11 @@ N = 8
 
 class OraclePipe:
     """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
-    that question type wrongly, ``wrong_objects`` every question about a scene with that many objects. Records
+    that question type wrongly, ``wrong_objects`` every question about a scene with that many objects,
+    ``always_yes`` says "yes" to every existence question. Records
     the drawing options it was given."""
 
-    def __init__(self, wrong_qtype=None, wrong_objects=None, n=N):
+    def __init__(self, wrong_qtype=None, wrong_objects=None, n=N, always_yes=False):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
         self.answers, self.renders, self.drawing, self.sampling = {}, {}, [], []
         for split in ("test", "compositional"):
@@ -28,7 +29,8 @@ class OraclePipe:
                 self.answers[key, CAPTION_PROMPT] = s.caption
                 for qa in s.qas:
                     wrong = qa.qtype == wrong_qtype or len(s.scene.shapes) == wrong_objects
-                    self.answers[key, qa.question] = "wrong" if wrong else qa.answer
+                    self.answers[key, qa.question] = "wrong" if wrong else \
+                        "yes" if always_yes and qa.qtype == "exist" else qa.answer
                 self.renders[s.caption] = s.image
         for img, label in load_digit_images("test"):
             self.answers[img.tobytes(), DIGIT_QUESTION] = DIGIT_WORDS[label]
@@ -80,6 +82,14 @@ def test_questions_on_scenes_of_one_object_count_show_in_their_column_only():
     assert set(by_objects) == {"1", "2", "3"} and by_objects["2"] == 0.0
     assert by_objects["1"] == by_objects["3"] == 1.0
     assert "2: 0.0%" in format_table(results)
+
+
+def test_saying_yes_to_every_existence_question_shows_as_wrong_on_absent_pairs_only():
+    results = run_evaluation(OraclePipe(always_yes=True, n=48), splits=["test"], n=48, draw=False)
+    m = results["splits"]["test"]
+    assert m["vqa_exist_by_answer"] == {"yes": 1.0, "no": 0.0}
+    assert m["vqa_by_type"]["color"] == 1.0 and 0.0 < m["vqa_by_type"]["exist"] < 1.0
+    assert "exist when the answer is yes 100.0%, no 0.0%" in format_table(results)
 
 
 def test_unknown_split_is_refused():

@@ -44,12 +44,17 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     questions = [(s, rng.choice(s.qas)) for s in samples if s.qas]
     by_type: dict[str, list[bool]] = defaultdict(list)
     by_objects: dict[str, list[bool]] = defaultdict(list)  # a question is harder when other objects can be confused
+    # "is there a blue triangle?" next to a blue square and a red triangle: answering "yes" to absent pairs shows
+    # colour and shape checked apart, not bound to one object.
+    exist_by_answer: dict[str, list[bool]] = defaultdict(list)
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
         for (s, qa), a in zip(chunk, answers):
             right = a.strip().rstrip(".").lower() == qa.answer.lower()
             by_type[qa.qtype].append(right)
             by_objects[str(len(s.scene.shapes))].append(right)
+            if qa.qtype == "exist":
+                exist_by_answer[qa.answer].append(right)
     captions, cap_scores = [], []
     for chunk in _batched(samples, batch_size):
         preds = pipe.caption([s.image for s in chunk], **sampling)
@@ -60,6 +65,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
         "vqa_accuracy": _mean([x for v in by_type.values() for x in v]),
         "vqa_by_type": {k: _mean(v) for k, v in sorted(by_type.items())},
         "vqa_by_objects": {k: _mean(v) for k, v in sorted(by_objects.items())},
+        "vqa_exist_by_answer": {k: _mean(v) for k, v in sorted(exist_by_answer.items(), reverse=True)},
         "caption_exact_match": _mean([c["exact_match"] for c in cap_scores]),
         "caption_attribute_accuracy": {
             a: _mean([c[a] for c in cap_scores]) for a in ("color", "shape", "size", "position")
@@ -112,8 +118,13 @@ def format_table(results: dict) -> str:
                      fmt(m.get("digit_accuracy")), fmt(m.get("drawn_digit_accuracy"))))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
-    by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items()) + " |"
-               for s, m in results["splits"].items() if m.get("vqa_by_type")]
+    def exist(m: dict) -> str:
+        by_answer = m.get("vqa_exist_by_answer")
+        return ("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
+                if by_answer else "")
+
+    by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items())
+               + exist(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]
     if by_type:
         lines += ["", "| split | VQA accuracy by question type |", "|---|---|"] + by_type
     by_objects = [f"| {s} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["vqa_by_objects"].items())
