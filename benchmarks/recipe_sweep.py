@@ -8,7 +8,8 @@ variants trained concurrently in 6 to 8 minutes (the same recipes take ~70 min e
 Round 2 (S*, base configs/shapes-tiny.yaml: shifted logits, a tower pretrained 5 000 steps):
 prepared and smoke-tested (--max-steps 2 --cpu); its shared first stages are committed in
 benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse). S1 alone was then trained on a CPU and shipped as
-shapes-tiny; S2-S4 have not run.
+shapes-tiny; S2 was later trained on a CPU.
+Round 3 (2026-11-28, same base; S5-S9): one H200 trained S1 and S3-S8; S9 is the lead it left (round3/README.md).
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -88,6 +89,10 @@ VARIANTS: dict[str, Variant] = {
                        add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": 0.6}]),
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
+    # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
+    # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage
+    # (about 15 CPU minutes more than S1).
+    "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
     # S3's mixture and steps with half of its VQA rows as S6's conversations.
     "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
                          add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"],
