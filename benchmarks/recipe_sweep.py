@@ -90,8 +90,8 @@ VARIANTS: dict[str, Variant] = {
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
     # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
-    # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage
-    # (about 15 CPU minutes more than S1).
+    # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
+    # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%.
     "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
     # S3's mixture and steps with half of its VQA rows as S6's conversations.
     "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],

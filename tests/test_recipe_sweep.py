@@ -65,6 +65,9 @@ def test_round_three_variants_change_the_denoiser_data_only_where_they_say(tmp_p
         sum(s.weight for s in s1.data.sources if s.tasks != ["t2i"]))  # as many understanding batches as S1
     assert s7.data.sources == s5.data.sources and (s7.stages[-2].steps, s7.stages[-1].steps) == (1500, 2700)
     assert s1.data.eval_sources == s5.data.eval_sources == s6.data.eval_sources  # same held-out eval loss
+    s9 = load_recipe(sweep.write_recipes(["S9-ar3000"], tmp_path)["S9-ar3000"])
+    assert (s9.stages[-2].is_causal, s9.stages[-2].steps, s9.stages[-1].steps) == (True, 3000, 2800)
+    assert s9.stages[-1] == s1.stages[-1] and s9.data == s1.data
 
 
 def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
