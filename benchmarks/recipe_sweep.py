@@ -16,6 +16,8 @@ Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
     python benchmarks/recipe_sweep.py --reuse runs/shapes-tiny-a2d    # train + evaluate round 1 (GPU recommended)
     python benchmarks/recipe_sweep.py --variants S1-shift2800 S2-arfrac S3-understand53 S4-ar1500 \\
         --reuse benchmarks/results/recipe-sweep/round2-prefix --pack runs/sweep2-pack   # round 2
+    python benchmarks/recipe_sweep.py --variants S9-ar3000 --reuse benchmarks/results/recipe-sweep/round2-prefix \\
+        --pack runs/sweep5-pack      # round 3's lead (a GPU: minutes; 2 CPU cores: about 2.5 hours)
     python benchmarks/recipe_sweep.py --variants E-diffusion-only --deadline 3600 --cpu
 """
 
@@ -89,14 +91,14 @@ VARIANTS: dict[str, Variant] = {
                        add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": 0.6}]),
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
-    # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
-    # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
-    # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%.
-    "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
     # S3's mixture and steps with half of its VQA rows as S6's conversations.
     "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
                          add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"],
                                        "weight": 0.9}]),
+    # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
+    # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
+    # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%.
+    "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
 }
 
 
