@@ -61,6 +61,11 @@ class Variant(NamedTuple):
     add_sources: Optional[list[dict]] = None
 
 
+def _chat_source(weight: float) -> dict:
+    """A source of Shapes conversations (caption and every question of a training scene in one row)."""
+    return {"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": weight}
+
+
 VARIANTS: dict[str, Variant] = {
     "A-a2d": Variant(A2D),
     "B-a2d-lr2e-4": Variant(A2D, lr=2e-4),
@@ -82,19 +87,18 @@ VARIANTS: dict[str, Variant] = {
     # 500 more (cheap) causal steps, 100 fewer diffusion steps (about 2 CPU minutes more than S1)
     "S4-ar1500": Variant(SHIFT2800, 1500, 2700),
     # Round 3, against S1's binding failure (VQA 88% on one-object scenes, 55% on three). S1's understanding rows
-    # come from 6 000 scenes with one question of each type each (train understanding loss 0.20 vs held-out 0.53 at
-    # the end), so: the captions and questions of 30 000 scenes (same rows per step, same cost)...
+    # come from 6 000 scenes with one question of each type each (train understanding loss about 0.2 over its last
+    # 400 steps, held-out 0.53: docs/shapes-tiny-eval/training-metrics.jsonl), so: the captions and questions of
+    # 30 000 scenes (same rows per step, same cost)...
     "S5-scenes30k": Variant(SHIFT2800, sources={0: {"n": 30000}, 1: {"n": 30000}}),
     # ...half of the VQA rows replaced by conversations asking all of a scene's questions (and its caption) at once:
-    # one image, ~7 supervised answers; understanding rows about twice as long...
-    "S6-chat": Variant(SHIFT2800, weights=[1.2, 0.6, 3.0, 0.6, 1.0],
-                       add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": 0.6}]),
+    # one image, up to 7 supervised answers in one (longer) row...
+    "S6-chat": Variant(SHIFT2800, weights=[1.2, 0.6, 3.0, 0.6, 1.0], add_sources=[_chat_source(0.6)]),
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
     # S3's mixture and steps with half of its VQA rows as S6's conversations.
     "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
-                         add_sources=[{"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"],
-                                       "weight": 0.9}]),
+                         add_sources=[_chat_source(0.9)]),
     # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
     # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
     # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%.

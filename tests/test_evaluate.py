@@ -17,8 +17,7 @@ N = 8
 class OraclePipe:
     """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
     that question type wrongly, ``wrong_objects`` every question about a scene with that many objects,
-    ``always_yes`` says "yes" to every existence question. Records
-    the drawing options it was given."""
+    ``always_yes`` says "yes" to every existence question. Records the drawing options it was given."""
 
     def __init__(self, wrong_qtype=None, wrong_objects=None, n=N, always_yes=False):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
