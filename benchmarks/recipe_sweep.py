@@ -9,7 +9,8 @@ Round 2 (S*, base configs/shapes-tiny.yaml: shifted logits, a tower pretrained 5
 prepared and smoke-tested (--max-steps 2 --cpu); its shared first stages are committed in
 benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse). S1 alone was then trained on a CPU and shipped as
 shapes-tiny; S2 was later trained on a CPU.
-Round 3 (2026-11-28, same base; S5-S9): one H200 trained S1 and S3-S8; S9 is the lead it left (round3/README.md).
+Round 3 (2026-11-28, same base; S5-S9): one H200 trained S1 and S3-S8; S9, the lead it left, was then trained on a
+CPU and shipped as shapes-tiny, so the base's causal stage now has S9's 3 000 steps (round3/README.md).
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -76,32 +77,34 @@ VARIANTS: dict[str, Variant] = {
     # R = configs/shapes-tiny.yaml as shipped on 2026-11-27 until it got a max-pooled tower and 3 050 diffusion steps
     # (MAX3050, shipped until 2026-11-28).
     "R-ar1000-t2i57": Variant(A2D, 1000, 2650, weights=[1.2, 1.2, 3.0, 0.6, 1.0]),
+    # S* variants state their causal steps: the base had 1 000 until S9 (3 000) shipped on 2026-11-28.
     # Round 2, all at about the cost of the max3050 recipe on 2 CPU cores. A drawing batch costs ~5x an understanding
     # one (`python benchmarks/recipe_cost.py configs/shapes-tiny.yaml --cpu`, 2-core AVX2 CPU,
     # fp32: 3.9 vs 0.75 s per diffusion step), so S3 and S4 trade drawing steps for cheap reading steps:
-    "S1-shift2800": Variant(SHIFT2800),
+    "S1-shift2800": Variant(SHIFT2800, 1000),
     # a quarter of the understanding batches of the diffusion stage trained by next-token loss (same cost)
-    "S2-arfrac": Variant(SHIFT2800, loss={"ar_fraction": 0.25}),
+    "S2-arfrac": Variant(SHIFT2800, 1000, loss={"ar_fraction": 0.25}),
     # 53% understanding batches instead of 43%, 3 160 steps: S1's cost, about as many drawing batches (1 490 vs 1 600)
-    "S3-understand53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 1.8, 3.0, 0.9, 1.0]),
+    "S3-understand53": Variant(SHIFT2800, 1000, 3160, weights=[1.8, 1.8, 3.0, 0.9, 1.0]),
     # 500 more (cheap) causal steps, 100 fewer diffusion steps (about 2 CPU minutes more than S1)
     "S4-ar1500": Variant(SHIFT2800, 1500, 2700),
     # Round 3, against S1's binding failure (VQA 88% on one-object scenes, 55% on three). S1's understanding rows
     # come from 6 000 scenes with one question of each type each (train understanding loss about 0.2 over its last
-    # 400 steps, held-out 0.53: docs/shapes-tiny-eval/training-metrics.jsonl), so: the captions and questions of
-    # 30 000 scenes (same rows per step, same cost)...
-    "S5-scenes30k": Variant(SHIFT2800, sources={0: {"n": 30000}, 1: {"n": 30000}}),
+    # 400 steps, held-out 0.53: docs/shapes-tiny-history/shift2800/training-metrics.jsonl), so: the captions and
+    # questions of 30 000 scenes (same rows per step, same cost)...
+    "S5-scenes30k": Variant(SHIFT2800, 1000, sources={0: {"n": 30000}, 1: {"n": 30000}}),
     # ...half of the VQA rows replaced by conversations asking all of a scene's questions (and its caption) at once:
     # one image, up to 7 supervised answers in one (longer) row...
-    "S6-chat": Variant(SHIFT2800, weights=[1.2, 0.6, 3.0, 0.6, 1.0], add_sources=[_chat_source(0.6)]),
+    "S6-chat": Variant(SHIFT2800, 1000, weights=[1.2, 0.6, 3.0, 0.6, 1.0], add_sources=[_chat_source(0.6)]),
     # ...and S4's longer causal stage on S5's scenes.
     "S7-ar1500-scenes30k": Variant(SHIFT2800, 1500, 2700, sources={0: {"n": 30000}, 1: {"n": 30000}}),
     # S3's mixture and steps with half of its VQA rows as S6's conversations.
-    "S8-chat53": Variant(SHIFT2800, diff_steps=3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
+    "S8-chat53": Variant(SHIFT2800, 1000, 3160, weights=[1.8, 0.9, 3.0, 0.9, 1.0],
                          add_sources=[_chat_source(0.9)]),
     # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
     # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
-    # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%.
+    # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%; the whole
+    # model (VQA 83.8% vs S1's 73.6% on 1 000 test scenes) is shapes-tiny since 2026-11-28, i.e. now the base itself.
     "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
 }
 

@@ -98,10 +98,10 @@ def shapes_tiny_available() -> bool:
     return (REPO / "mmdlm" / "weights" / "shapes-tiny" / "config.json").is_file()
 
 
-# The shipped shapes-tiny misses its VQA/caption targets (75% VQA, 63% exact captions: docs/shapes-tiny-eval.md): its
+# The shipped shapes-tiny misses its VQA/caption targets (86% VQA, 67% exact captions: docs/shapes-tiny-eval.md): its
 # answer/caption correctness tests are skipped, not weakened, until a model meets them.
 SHAPES_TINY_UNDERSTANDS = False
-SHAPES_TINY_DRAWS_SCENES = False  # it draws recognisable digits (90%), but Shapes scenes only 3% all-correct
+SHAPES_TINY_DRAWS_SCENES = False  # it draws recognisable digits (92%), but Shapes scenes 0% all-correct
 
 
 @pytest.fixture(scope="session")

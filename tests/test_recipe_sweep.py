@@ -68,6 +68,8 @@ def test_round_three_variants_change_the_denoiser_data_only_where_they_say(tmp_p
     s9 = load_recipe(sweep.write_recipes(["S9-ar3000"], tmp_path)["S9-ar3000"])
     assert (s9.stages[-2].is_causal, s9.stages[-2].steps, s9.stages[-1].steps) == (True, 3000, 2800)
     assert s9.stages[-1] == s1.stages[-1] and s9.data == s1.data
+    shipped = load_recipe(sweep.SHIFT2800).to_dict()  # S9 is the shipped recipe, up to its output folder
+    assert {**s9.to_dict(), "output_dir": None} == {**shipped, "output_dir": None}
 
 
 def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
