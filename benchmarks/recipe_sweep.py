@@ -11,6 +11,7 @@ benchmarks/results/recipe-sweep/round2-prefix/ (pass it as --reuse). S1 alone wa
 shapes-tiny; S2 was later trained on a CPU.
 Round 3 (2026-11-28, same base; S5-S9): one H200 trained S1 and S3-S8; S9, the lead it left, was then trained on a
 CPU and shipped as shapes-tiny, so the base's causal stage now has S9's 3 000 steps (round3/README.md).
+Round 4 (2026-11-28, base: the shipped recipe): S10's causal stage on the CPU (round4/README.md).
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -60,6 +61,8 @@ class Variant(NamedTuple):
     # stages saw the base's data; the variant changes only what its denoiser stages see.
     sources: Optional[dict[int, dict]] = None
     add_sources: Optional[list[dict]] = None
+    # Model options merged into the base's; only the denoiser stages are trained with them (the reused tower is not).
+    model: Optional[dict] = None
 
 
 def _chat_source(weight: float) -> dict:
@@ -106,6 +109,11 @@ VARIANTS: dict[str, Variant] = {
     # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%; the whole
     # model (VQA 83.8% vs S1's 73.6% on 1 000 test scenes) is shapes-tiny since 2026-11-28, i.e. now the base itself.
     "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
+    # Round 4: the shipped S9's wrong answers to position questions mostly name another object's cell (33.5% of
+    # them; an empty cell 9.0%): the max-pooled slots say what is in a cell, not which cell, and RoPE puts position
+    # into attention scores only, not into what a lookup by content reads. A learned embedding per slot. (Its causal
+    # stage did not answer position questions better: round4/README.md.)
+    "S10-slotpos": Variant(SHIFT2800, model={"image_slot_embeddings": True}),
 }
 
 
@@ -134,6 +142,10 @@ def variant_recipe(name: str, out_dir: Path) -> dict:
     sources.extend(copy.deepcopy(v.add_sources or []))
     if v.loss:
         denoisers[-1]["loss"] = {**denoisers[-1].get("loss", {}), **v.loss}
+    reused = sorted(set(v.model or {}) & {"vision_tower", "image_tokenizer", "image_processor"})
+    if reused:
+        raise ValueError(f"{name}: model options {reused} shape the reused first stages; a variant cannot change them")
+    recipe["model"].update(copy.deepcopy(v.model or {}))
     return recipe
 
 

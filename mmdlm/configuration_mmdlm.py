@@ -19,7 +19,8 @@ class MMDLMConfig(PreTrainedConfig):
     Understanding (LLaDA-V / LLaVA names): ``vision_config`` is the dict given to
     :func:`mmdlm.vision.towers.create_vision_tower`; ``mm_projector_type`` is a LLaVA projector string;
     ``image_token_id`` is the placeholder id whose slots receive projected image features; ``use_image_newline``
-    appends a learned ``image_newline`` embedding after each image.
+    appends a learned ``image_newline`` embedding after each image. ``image_slot_embeddings`` adds a learned
+    embedding per slot of a view (``model.image_slot_embed``, [num_patches, hidden_size]) to the projected features.
 
     Generation (MMaDA layout): image code ``c`` is token ``image_token_offset + c`` for ``c < codebook_size``;
     ``image_tokenizer_config`` is the :class:`mmdlm.vision.image_tokenizer.VQConfig` of the bundled tokenizer
@@ -50,6 +51,7 @@ class MMDLMConfig(PreTrainedConfig):
         mm_projector_type: str = "mlp2x_gelu",
         image_token_id: int | None = None,
         use_image_newline: bool = False,
+        image_slot_embeddings: bool = False,
         image_aspect_ratio: str = "pad",
         image_grid_pinpoints: Any = None,
         image_tokenizer_config: dict[str, Any] | None = None,
@@ -86,6 +88,10 @@ class MMDLMConfig(PreTrainedConfig):
         self.mm_projector_type = mm_projector_type
         self.image_token_id = image_token_id
         self.use_image_newline = use_image_newline
+        # A pooled convolutional tower's slot features say what is in a cell, not which cell, and RoPE puts position
+        # only into attention scores, not into what attention reads: without a slot embedding a lookup by content
+        # ("where is the blue square?") finds the object but cannot tell where it is.
+        self.image_slot_embeddings = image_slot_embeddings
         self.image_aspect_ratio = image_aspect_ratio
         self.image_grid_pinpoints = image_grid_pinpoints
         self.image_tokenizer_config = image_tokenizer_config

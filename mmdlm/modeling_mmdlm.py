@@ -198,6 +198,9 @@ class MMDLMModel(MMDLMPreTrainedModel):
             )
             if config.use_image_newline:
                 self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+            if config.image_slot_embeddings:
+                # zeros: the model reads images exactly as without it until training moves it
+                self.image_slot_embed = nn.Parameter(torch.zeros(self.vision_tower.num_patches, config.hidden_size))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -221,7 +224,9 @@ class MMDLMModel(MMDLMPreTrainedModel):
         else:  # one view per image: the whole batch goes through the tower at once
             images = list(self.mm_projector(self.vision_tower(pixel_values.to(device=device, dtype=tower_dtype)))[:, None])
         feats = []
-        for f in images:
+        for f in images:  # f: [views, num_patches, hidden]
+            if self.config.image_slot_embeddings:
+                f = f + self.image_slot_embed.to(f.dtype)
             f = f.reshape(-1, f.shape[-1]).to(self.embed_tokens.weight.dtype)
             if self.config.use_image_newline:
                 f = torch.cat([f, self.image_newline[None].to(f.dtype)], dim=0)

@@ -17,19 +17,26 @@ N = 8
 class OraclePipe:
     """Looks every answer up in the ground truth of the evaluation's own (seeded) data; ``wrong_qtype`` answers
     that question type wrongly, ``wrong_objects`` every question about a scene with that many objects,
-    ``always_yes`` says "yes" to every existence question. Records the drawing options it was given."""
+    ``always_yes`` says "yes" to every existence question, ``confuse_positions`` answers a position question with
+    another object's cell ("nowhere" in one-object scenes). Records the drawing options it was given and the number
+    of objects of each scene a position question was asked about."""
 
-    def __init__(self, wrong_qtype=None, wrong_objects=None, n=N, always_yes=False):
+    def __init__(self, wrong_qtype=None, wrong_objects=None, n=N, always_yes=False, confuse_positions=False):
         self.model = SimpleNamespace(config=SimpleNamespace(can_draw_images=True))
         self.answers, self.renders, self.drawing, self.sampling = {}, {}, [], []
+        self.objects, self.position_asked = {}, []
         for split in ("test", "compositional"):
             for s in ShapesWorld(split, n, EVAL_SEED):
                 key = s.image.tobytes()
                 self.answers[key, CAPTION_PROMPT] = s.caption
+                self.objects[key] = len(s.scene.shapes)
                 for qa in s.qas:
                     wrong = qa.qtype == wrong_qtype or len(s.scene.shapes) == wrong_objects
                     self.answers[key, qa.question] = "wrong" if wrong else \
                         "yes" if always_yes and qa.qtype == "exist" else qa.answer
+                    if confuse_positions and qa.qtype == "position":
+                        others = [o.position for o in s.scene.shapes if o.position != qa.answer]
+                        self.answers[key, qa.question] = others[0] if others else "nowhere"
                 self.renders[s.caption] = s.image
         for img, label in load_digit_images("test"):
             self.answers[img.tobytes(), DIGIT_QUESTION] = DIGIT_WORDS[label]
@@ -38,6 +45,8 @@ class OraclePipe:
     def answer(self, images, questions, **sampling):
         self.sampling.append(sampling)
         questions = questions if isinstance(questions, list) else [questions] * len(images)
+        self.position_asked += [self.objects[img.tobytes()] for img, q in zip(images, questions)
+                                if q.startswith("where is")]
         return [self.answers[img.tobytes(), q] for img, q in zip(images, questions)]
 
     def caption(self, images, **sampling):
@@ -89,6 +98,19 @@ def test_saying_yes_to_every_existence_question_shows_as_wrong_on_absent_pairs_o
     assert m["vqa_exist_by_answer"] == {"yes": 1.0, "no": 0.0}
     assert m["vqa_by_type"]["color"] == 1.0 and 0.0 < m["vqa_by_type"]["exist"] < 1.0
     assert "exist when the answer is yes 100.0%, no 0.0%" in format_table(results)
+
+
+def test_position_answers_naming_another_objects_cell_are_told_apart(tmp_path):
+    right = run_evaluation(OraclePipe(n=48), splits=["test"], n=48, draw=False)["splits"]["test"]
+    assert right["vqa_position_answers"] == {"right": 1.0, "another object's cell": 0.0, "an empty cell": 0.0,
+                                             "no position": 0.0}
+    pipe = OraclePipe(confuse_positions=True, n=48)
+    results = run_evaluation(pipe, splits=["test"], n=48, draw=False)
+    where = results["splits"]["test"]["vqa_position_answers"]
+    several = sum(k > 1 for k in pipe.position_asked) / len(pipe.position_asked)
+    assert 0 < several < 1 and where["right"] == where["an empty cell"] == 0.0
+    assert where["another object's cell"] == pytest.approx(several) and where["no position"] == pytest.approx(1 - several)
+    assert "position answered with another object's cell" in format_table(results)
 
 
 def test_unknown_split_is_refused():

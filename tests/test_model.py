@@ -160,3 +160,24 @@ def test_a_batch_of_images_is_encoded_like_one_image_at_a_time():
     assert batched.shape == (3 * 4, 32)
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[:4], batched[4:8])  # different images, different features
+
+
+def test_image_slot_embeddings_add_one_learned_vector_per_slot_of_every_view(tmp_path):
+    vit = {"kind": "vit", "image_size": 32, "patch_size": 16, "width": 32, "depth": 2, "heads": 2}
+    plain = tiny(vision_config=vit, image_token_id=95)
+    slotted = tiny(vision_config=vit, image_token_id=95, image_slot_embeddings=True)
+    assert slotted.model.image_slot_embed.shape == (4, 32)  # 2x2 patches, hidden 32
+    slotted.model.load_state_dict(plain.model.state_dict(), strict=False)
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(slotted.model.image_features(px), plain.model.image_features(px))  # zeros at start
+    with torch.no_grad():
+        slotted.model.image_slot_embed.normal_()
+    # The same slot of any image or view moves by the same vector; different slots by different ones.
+    delta = slotted.model.image_features(px) - plain.model.image_features(px)
+    torch.testing.assert_close(delta, slotted.model.image_slot_embed.repeat(2, 1), atol=1e-5, rtol=1e-5)
+    views = slotted.model.image_features([px]) - plain.model.image_features([px])  # one image, two views
+    torch.testing.assert_close(views, delta, atol=1e-5, rtol=1e-5)
+    slotted.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path)
+    assert again.config.image_slot_embeddings
+    assert torch.equal(again.model.image_slot_embed, slotted.model.image_slot_embed)

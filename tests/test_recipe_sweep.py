@@ -28,7 +28,8 @@ def test_every_variant_is_a_valid_recipe_that_can_reuse_one_runs_stages(tmp_path
         assert r.output_dir == str(tmp_path / name)
         # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
         assert r.stages[:3] == base.stages[:3], name
-        assert r.model == base.model and r.seed == base.seed, name
+        assert r.model == dataclasses.replace(base.model, **(variant.model or {})) and r.seed == base.seed, name
+        assert r.model.vision_tower == base.model.vision_tower, name  # the reused tower
         if not (variant.sources or variant.add_sources):
             assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in base.data.sources], name
 
@@ -72,10 +73,23 @@ def test_round_three_variants_change_the_denoiser_data_only_where_they_say(tmp_p
     assert {**s9.to_dict(), "output_dir": None} == {**shipped, "output_dir": None}
 
 
+def test_round_four_adds_slot_embeddings_to_the_shipped_recipe_only(tmp_path):
+    s10 = load_recipe(sweep.write_recipes(["S10-slotpos"], tmp_path)["S10-slotpos"]).to_dict()
+    shipped = load_recipe(sweep.SHIFT2800).to_dict()
+    assert (s10["model"].pop("image_slot_embeddings"), shipped["model"].pop("image_slot_embeddings")) == (True, False)
+    assert {**s10, "output_dir": None} == {**shipped, "output_dir": None}
+
+
 def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "A-a2d", "S1-shift2800", "--reuse", "nowhere"])
     assert "different base recipes" in capsys.readouterr().err
+
+
+def test_a_variant_cannot_change_what_the_reused_stages_built(tmp_path, monkeypatch):
+    monkeypatch.setitem(sweep.VARIANTS, "bad", sweep.Variant(sweep.SHIFT2800, model={"vision_tower": {"kind": "vit"}}))
+    with pytest.raises(ValueError, match="vision_tower.*reused"):
+        sweep.write_recipes(["bad"], tmp_path)
 
 
 def test_ar_steps_on_a_recipe_without_a_causal_stage_is_an_error(tmp_path, monkeypatch):

@@ -175,3 +175,18 @@ def test_bundled_recipes_load(name):
         assert (ar.is_causal, ar.loss, ar.tasks) == (True, {"objective": "ar"}, ["understanding"])
         assert diffusion.is_causal is False and diffusion.tasks is None
         assert r.stages[-1].freeze == ["vision_tower"]
+
+
+def test_recipe_model_options_reach_the_built_model():
+    from mmdlm.tokenization import train_tokenizer
+    from mmdlm.training.denoiser_stage import _fresh_model
+    from mmdlm.training.recipe import ModelRecipe
+
+    tokenizer = train_tokenizer([f"a small red circle at the top {i}" for i in range(50)], vocab_size=300)
+    vit = {"kind": "vit", "image_size": 32, "patch_size": 16, "width": 32, "depth": 1, "heads": 2}
+    for slots in (False, True):
+        m = ModelRecipe(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vision_tower=vit,
+                        shift_logits=True, image_slot_embeddings=slots)
+        model, _ = _fresh_model(m, seed=0, tokenizer=tokenizer, vq=None, index=0)
+        assert model.config.shift_logits and model.config.image_slot_embeddings == slots
+        assert hasattr(model.model, "image_slot_embed") == slots

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from ..data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_caption, load_digit_images
-from ..data.shapes import ShapesWorld
+from ..data.shapes import POSITIONS, ShapesWorld
 from .checkers import DigitClassifier, score_caption, score_drawn_scene
 
 SPLITS = ("test", "compositional", "digits")
@@ -29,6 +29,16 @@ def _batched(items: Sequence, size: int):
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def _position_answer_kind(answer: str, truth: str, sample) -> str:
+    """Which cell a position answer names: the asked object's, another object's, an empty one, or none."""
+    said = answer.strip().rstrip(".").lower()
+    if said == truth.lower():
+        return "right"
+    if said in {o.position for o in sample.scene.shapes}:
+        return "another object's cell"
+    return "an empty cell" if said in POSITIONS else "no position"
 
 
 def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: bool = True, sampling: dict | None = None,
@@ -47,6 +57,8 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     # "is there a blue triangle?" next to a blue square and a red triangle: answering "yes" to absent pairs shows
     # colour and shape checked apart, not bound to one object.
     exist_by_answer: dict[str, list[bool]] = defaultdict(list)
+    # A wrong "where is the blue square?" that names another object's cell found an object but not the one asked.
+    position_answers: dict[str, int] = dict.fromkeys(("right", "another object's cell", "an empty cell", "no position"), 0)
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
         for (s, qa), a in zip(chunk, answers):
@@ -55,6 +67,8 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
             by_objects[str(len(s.scene.shapes))].append(right)
             if qa.qtype == "exist":
                 exist_by_answer[qa.answer].append(right)
+            if qa.qtype == "position":
+                position_answers[_position_answer_kind(a, qa.answer, s)] += 1
     captions, cap_scores = [], []
     for chunk in _batched(samples, batch_size):
         preds = pipe.caption([s.image for s in chunk], **sampling)
@@ -66,6 +80,8 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
         "vqa_by_type": {k: _mean(v) for k, v in sorted(by_type.items())},
         "vqa_by_objects": {k: _mean(v) for k, v in sorted(by_objects.items())},
         "vqa_exist_by_answer": {k: _mean(v) for k, v in sorted(exist_by_answer.items(), reverse=True)},
+        "vqa_position_answers": ({k: v / len(by_type["position"]) for k, v in position_answers.items()}
+                                 if by_type["position"] else {}),
         "caption_exact_match": _mean([c["exact_match"] for c in cap_scores]),
         "caption_attribute_accuracy": {
             a: _mean([c[a] for c in cap_scores]) for a in ("color", "shape", "size", "position")
@@ -119,9 +135,11 @@ def format_table(results: dict) -> str:
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     def exist(m: dict) -> str:
-        by_answer = m.get("vqa_exist_by_answer")
-        return ("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
-                if by_answer else "")
+        by_answer, where = m.get("vqa_exist_by_answer"), m.get("vqa_position_answers")
+        return (("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
+                 if by_answer else "")
+                + ("; position answered with " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in where.items()
+                                                           if k != "right") if where else ""))
 
     by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items())
                + exist(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]

@@ -49,7 +49,7 @@ def _fresh_model(m: ModelRecipe, seed: int, tokenizer: Any, vq: Any, index: int)
     try:
         config = MMDLMConfig(
             **sizes, **fields, vision_config=vision_config, mm_projector_type=m.mm_projector_type,
-            use_image_newline=m.use_image_newline,
+            use_image_newline=m.use_image_newline, image_slot_embeddings=m.image_slot_embeddings,
             image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
                                     if vq is not None else None),
         )

@@ -30,7 +30,8 @@ class ModelRecipe:
     tower's weights from a saved mmdlm model folder with the same ``vision_tower`` config (e.g. the
     ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's.
     ``shift_logits`` reads position i's prediction from the output at i - 1 (Dream / Dimple): a causal first stage's
-    next-token head then keeps its meaning after the switch to diffusion."""
+    next-token head then keeps its meaning after the switch to diffusion. ``image_slot_embeddings`` adds a learned
+    embedding per image slot to the projected features, so that what is read from a slot says where it is."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -47,6 +48,7 @@ class ModelRecipe:
     vision_tower: Optional[dict[str, Any]] = None
     mm_projector_type: str = "mlp2x_gelu"
     use_image_newline: bool = False
+    image_slot_embeddings: bool = False
     image_processor: Optional[dict[str, Any]] = None
     image_tokenizer: Optional[dict[str, Any]] = None
     image_tokenizer_path: Optional[str] = None
