@@ -81,7 +81,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
         "vqa_by_objects": {k: _mean(v) for k, v in sorted(by_objects.items())},
         "vqa_exist_by_answer": {k: _mean(v) for k, v in sorted(exist_by_answer.items(), reverse=True)},
         "vqa_position_answers": ({k: v / len(by_type["position"]) for k, v in position_answers.items()}
-                                 if by_type["position"] else {}),
+                                 if by_type.get("position") else {}),
         "caption_exact_match": _mean([c["exact_match"] for c in cap_scores]),
         "caption_attribute_accuracy": {
             a: _mean([c[a] for c in cap_scores]) for a in ("color", "shape", "size", "position")
@@ -134,7 +134,7 @@ def format_table(results: dict) -> str:
                      fmt(m.get("digit_accuracy")), fmt(m.get("drawn_digit_accuracy"))))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
-    def exist(m: dict) -> str:
+    def breakdowns(m: dict) -> str:
         by_answer, where = m.get("vqa_exist_by_answer"), m.get("vqa_position_answers")
         return (("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
                  if by_answer else "")
@@ -142,7 +142,7 @@ def format_table(results: dict) -> str:
                                                            if k != "right") if where else ""))
 
     by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items())
-               + exist(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]
+               + breakdowns(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]
     if by_type:
         lines += ["", "| split | VQA accuracy by question type |", "|---|---|"] + by_type
     by_objects = [f"| {s} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["vqa_by_objects"].items())
