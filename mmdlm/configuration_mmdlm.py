@@ -88,9 +88,9 @@ class MMDLMConfig(PreTrainedConfig):
         self.mm_projector_type = mm_projector_type
         self.image_token_id = image_token_id
         self.use_image_newline = use_image_newline
-        # A pooled convolutional tower's slot features say what is in a cell, not which cell, and RoPE puts position
-        # only into attention scores, not into what attention reads: without a slot embedding a lookup by content
-        # ("where is the blue square?") finds the object but cannot tell where it is.
+        # For towers whose slot features say what is in a slot but not where (pooled convolutions): RoPE puts
+        # position into attention scores only, not into what attention reads. On shapes-tiny's tower it did not
+        # improve position questions (benchmarks/results/recipe-sweep/round4).
         self.image_slot_embeddings = image_slot_embeddings
         self.image_aspect_ratio = image_aspect_ratio
         self.image_grid_pinpoints = image_grid_pinpoints

@@ -100,7 +100,7 @@ def test_saying_yes_to_every_existence_question_shows_as_wrong_on_absent_pairs_o
     assert "exist when the answer is yes 100.0%, no 0.0%" in format_table(results)
 
 
-def test_position_answers_naming_another_objects_cell_are_told_apart(tmp_path):
+def test_position_answers_naming_another_objects_cell_are_told_apart():
     right = run_evaluation(OraclePipe(n=48), splits=["test"], n=48, draw=False)["splits"]["test"]
     assert right["vqa_position_answers"] == {"right": 1.0, "another object's cell": 0.0, "an empty cell": 0.0,
                                              "no position": 0.0}

@@ -144,6 +144,11 @@ def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     return {**_match_scores(detected, reference), "detected": detected}
 
 
+def normalize_answer(answer: str) -> str:
+    """A short answer as it is compared with the reference: trimmed, without a final full stop, lower case."""
+    return answer.strip().rstrip(".").lower()
+
+
 def score_caption(predicted: str, reference) -> dict:
     """Score a generated caption against the reference caption (or Scene).
 

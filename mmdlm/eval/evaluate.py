@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from ..data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_caption, load_digit_images
 from ..data.shapes import POSITIONS, ShapesWorld
-from .checkers import DigitClassifier, score_caption, score_drawn_scene
+from .checkers import DigitClassifier, normalize_answer, score_caption, score_drawn_scene
 
 SPLITS = ("test", "compositional", "digits")
 # Evaluation scenes use their own seed so they never coincide with training draws of the same split name.
@@ -33,7 +33,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 def _position_answer_kind(answer: str, truth: str, sample) -> str:
     """Which cell a position answer names: the asked object's, another object's, an empty one, or none."""
-    said = answer.strip().rstrip(".").lower()
+    said = normalize_answer(answer)
     if said == truth.lower():
         return "right"
     if said in {o.position for o in sample.scene.shapes}:
@@ -62,7 +62,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
         for (s, qa), a in zip(chunk, answers):
-            right = a.strip().rstrip(".").lower() == qa.answer.lower()
+            right = normalize_answer(a) == qa.answer.lower()
             by_type[qa.qtype].append(right)
             by_objects[str(len(s.scene.shapes))].append(right)
             if qa.qtype == "exist":
@@ -112,7 +112,7 @@ def evaluate_digits(pipe, n: int | None = None, *, batch_size: int = 32, draw: b
     correct = []
     for chunk in _batched(data, batch_size):
         answers = pipe.answer([img for img, _ in chunk], [DIGIT_QUESTION] * len(chunk), **sampling)
-        correct += [a.strip().rstrip(".").lower() == DIGIT_WORDS[y] for (_, y), a in zip(chunk, answers)]
+        correct += [normalize_answer(a) == DIGIT_WORDS[y] for (_, y), a in zip(chunk, answers)]
     metrics: dict[str, Any] = {"n": len(data), "digit_accuracy": _mean(correct)}
     report: dict[str, Any] = {}
     if draw and getattr(pipe.model.config, "can_draw_images", False):

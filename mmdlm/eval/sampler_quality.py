@@ -16,7 +16,7 @@ import torch
 
 from ..data.digits import DIGIT_QUESTION, DIGIT_WORDS, load_digit_images
 from ..data.shapes import CAPTION_PROMPT, ShapesWorld
-from .checkers import score_caption
+from .checkers import normalize_answer, score_caption
 from .evaluate import EVAL_SEED
 
 # name -> sampling options for mmdlm.sampling.generate (None disables a rule; the reference takes no fast options).
@@ -48,7 +48,7 @@ def build_tasks(n: int, seed: int = EVAL_SEED) -> list[dict]:
 def _correct(task: str, answer: str, reference: Any) -> bool:
     if task == "caption":
         return bool(score_caption(answer, reference)["exact_match"])
-    return answer.strip().rstrip(".").lower() == str(reference).lower()
+    return normalize_answer(answer) == str(reference).lower()
 
 
 AR_TWIN = "ar-twin"
