@@ -313,11 +313,10 @@ def test_missing_images_can_be_skipped_and_counted(base, tmp_path, capsys):
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import hashlib, json, sys
+    import hashlib, json, sys, time
     import torch
-    from mmdlm.training import trainer
+    from mmdlm.training import stages, trainer
     from mmdlm.training.recipe import recipe_from_dict
-    from mmdlm.training.stages import train
 
     out = sys.argv[1]
     real_fit = trainer.StageTrainer.fit
@@ -332,7 +331,16 @@ DDP_SCRIPT = textwrap.dedent("""
         return done
 
     trainer.StageTrainer.fit = fit
-    train(recipe_from_dict(json.loads(sys.argv[2])), output_dir=out, cpu=True)
+
+    real_tokenizer_stage = stages._tokenizer_stage
+
+    def late_tokenizer_stage(ctx, *args, **kwargs):  # rank 1 arrives after rank 0 has written the tokenizer
+        if ctx.accelerator.process_index:
+            time.sleep(3)
+        return real_tokenizer_stage(ctx, *args, **kwargs)
+
+    stages._tokenizer_stage = late_tokenizer_stage
+    stages.train(recipe_from_dict(json.loads(sys.argv[2])), output_dir=out, cpu=True)
 """)
 
 

@@ -90,11 +90,12 @@ def _load_tokenizer(path: str | Path):
 
 def _tokenizer_stage(ctx: RunContext, stage: TokenizerStage, mixture: Mixture, eval_examples: list[dict]):
     out = ctx.output_dir / stage.name
+    # Every rank passes the one barrier below, whichever branch it takes: a rank that reached the check late
+    # would otherwise see the tokenizer rank 0 just wrote, skip the barrier, and hang the run.
     if (out / "tokenizer_config.json").is_file():
         ctx.log(f"stage {stage.name!r}: output exists at {out}, skipping")
-        return _load_tokenizer(out)
-    cfg = ctx.recipe.tokenizer
-    if ctx.main:
+    elif ctx.main:
+        cfg = ctx.recipe.tokenizer
         if cfg.path is not None:
             tok = _load_tokenizer(cfg.path)
         else:
