@@ -80,6 +80,19 @@ def test_round_four_adds_slot_embeddings_to_the_shipped_recipe_only(tmp_path):
     assert {**s10, "output_dir": None} == {**shipped, "output_dir": None}
 
 
+def test_round_five_trains_the_tower_in_the_causal_stage_only(tmp_path, monkeypatch):
+    s11 = load_recipe(sweep.write_recipes(["S11-tower-tuned"], tmp_path)["S11-tower-tuned"])
+    s1 = load_recipe(sweep.write_recipes(["S1-shift2800"], tmp_path)["S1-shift2800"])
+    causal, diffusion = s11.stages[-2:]
+    assert (causal.is_causal, causal.steps, causal.freeze, causal.vision_tower_lr) == (True, 1000, [], 2e-4)
+    assert diffusion.freeze == ["vision_tower"] and diffusion == s1.stages[-1]
+    assert dataclasses.replace(causal, freeze=["vision_tower"], vision_tower_lr=None) == s1.stages[-2]
+    assert s11.model == s1.model and s11.data == s1.data
+    monkeypatch.setitem(sweep.VARIANTS, "bad", sweep.Variant(sweep.DIFFUSION_ONLY, causal={"freeze": []}))
+    with pytest.raises(ValueError, match="no causal denoiser stage"):
+        sweep.variant_recipe("bad", tmp_path)
+
+
 def test_variants_of_different_bases_are_refused_in_one_sweep(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "A-a2d", "S1-shift2800", "--reuse", "nowhere"])
