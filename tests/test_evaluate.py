@@ -111,6 +111,15 @@ def test_position_answers_naming_another_objects_cell_are_told_apart():
     assert 0 < several < 1 and where["right"] == where["an empty cell"] == 0.0
     assert where["another object's cell"] == pytest.approx(several) and where["no position"] == pytest.approx(1 - several)
     assert "position answered with another object's cell" in format_table(results)
+    chance = sum(1 / k for k in pipe.position_asked) / len(pipe.position_asked)  # one object per cell
+    by_random_object = results["splits"]["test"]["vqa_random_object_chance"]
+    assert by_random_object["position"] == pytest.approx(chance) and 1 / 3 < chance < 1
+    assert by_random_object["color"] < 1 and by_random_object["shape"] < 1  # some scenes hold other colours / shapes
+    assert "a random object's answer would score color" in format_table(results)
+    one_attribute = results["splits"]["test"]["vqa_position_by_one_attribute"]
+    assert set(one_attribute) == {"color", "shape"} and all(chance < v <= 1 for v in one_attribute.values())
+    assert one_attribute["shape"] < 1  # some asked object shares its shape with another object of its scene
+    assert "the cell of an object found by its color alone" in format_table(results)
 
 
 def test_unknown_split_is_refused():

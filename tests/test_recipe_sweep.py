@@ -28,7 +28,9 @@ def test_every_variant_is_a_valid_recipe_that_can_reuse_one_runs_stages(tmp_path
         assert r.output_dir == str(tmp_path / name)
         # Reusing another run's first three stages is only sound if they and the data/model they see are the same.
         assert r.stages[:3] == base.stages[:3], name
-        assert r.model == dataclasses.replace(base.model, **(variant.model or {})) and r.seed == base.seed, name
+        assert r.model == dataclasses.replace(base.model, **(variant.model or {})), name
+        # A seed variant reruns the denoiser stages on first stages its base's seed built.
+        assert r.seed == (base.seed if variant.seed is None else variant.seed), name
         assert r.model.vision_tower == base.model.vision_tower, name  # the reused tower
         if not (variant.sources or variant.add_sources):
             assert [_unweighted(s) for s in r.data.sources] == [_unweighted(s) for s in base.data.sources], name
@@ -80,7 +82,7 @@ def test_round_four_adds_slot_embeddings_to_the_shipped_recipe_only(tmp_path):
     assert {**s10, "output_dir": None} == {**shipped, "output_dir": None}
 
 
-def test_round_five_trains_the_tower_in_the_causal_stage_only(tmp_path, monkeypatch):
+def test_round_five_tunes_the_tower_in_the_causal_stage_or_changes_the_seed(tmp_path, monkeypatch):
     s11 = load_recipe(sweep.write_recipes(["S11-tower-tuned"], tmp_path)["S11-tower-tuned"])
     s1 = load_recipe(sweep.write_recipes(["S1-shift2800"], tmp_path)["S1-shift2800"])
     causal, diffusion = s11.stages[-2:]
@@ -88,6 +90,10 @@ def test_round_five_trains_the_tower_in_the_causal_stage_only(tmp_path, monkeypa
     assert diffusion.freeze == ["vision_tower"] and diffusion == s1.stages[-1]
     assert dataclasses.replace(causal, freeze=["vision_tower"], vision_tower_lr=None) == s1.stages[-2]
     assert s11.model == s1.model and s11.data == s1.data
+    seed1 = load_recipe(sweep.write_recipes(["S9-seed1"], tmp_path)["S9-seed1"]).to_dict()
+    shipped = load_recipe(sweep.SHIFT2800).to_dict()
+    assert (seed1["seed"], shipped["seed"]) == (1, 0)
+    assert {**seed1, "output_dir": None, "seed": 0} == {**shipped, "output_dir": None}
     monkeypatch.setitem(sweep.VARIANTS, "bad", sweep.Variant(sweep.DIFFUSION_ONLY, causal={"freeze": []}))
     with pytest.raises(ValueError, match="no causal denoiser stage"):
         sweep.variant_recipe("bad", tmp_path)

@@ -11,8 +11,8 @@ import pytest
 
 from mmdlm.data import shapes as S
 from mmdlm.data.shapes import (
-    CAPTION_PROMPT, COLORS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, ShapesWorld, caption, make_questions,
-    parse_caption, render_scene, sample_scene, shapes_examples,
+    CAPTION_PROMPT, COLORS, HELD_OUT_PAIRS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, Scene, ShapesWorld, caption,
+    make_questions, parse_caption, render_scene, sample_scene, shapes_examples,
 )
 
 CELL = 64 / 3
@@ -237,6 +237,22 @@ def test_shapes_chat_examples_ask_everything_about_one_image():
         orders.add(tuple(q for q, _ in pairs).index(CAPTION_PROMPT))
     assert len(orders) > 1  # the turn order is shuffled, so the caption is not always first
     assert [c["messages"] for c in shapes_examples("test", 6, seed=2, tasks=("chat",))] == [c["messages"] for c in chats]
+
+
+def test_question_types_keep_only_those_questions_of_the_same_scenes():
+    world = ShapesWorld("test", 12, seed=2)
+    assert {qa.qtype for s in world for qa in s.qas} == set(QUESTION_TYPES)
+    asked = shapes_examples("test", 12, seed=2, tasks=("vqa", "chat"), question_types=["position", "exist"])
+    vqa = [e for e in asked if e["qtype"] != "chat"]
+    expected = [(qa.question, qa.answer) for s in world for qa in s.qas if qa.qtype in ("position", "exist")]
+    assert [(e["messages"][0]["content"].removeprefix("<image>\n"), e["messages"][1]["content"]) for e in vqa] == expected
+    chats = [e for e in asked if e["qtype"] == "chat"]
+    for sample, chat in zip(world, chats):  # the caption turn, then only the kept questions
+        questions = {m["content"].removeprefix("<image>\n") for m in chat["messages"][::2]}
+        assert questions == {CAPTION_PROMPT} | {qa.question for qa in sample.qas if qa.qtype in ("position", "exist")}
+    for bad in (["where"], []):
+        with pytest.raises(ValueError, match="choose one or more of"):
+            shapes_examples("test", 3, tasks=("vqa",), question_types=bad)
 
 
 def test_make_questions_deterministic_given_rng():

@@ -98,6 +98,14 @@ def test_vision_pretrain_stage_checks():
     assert _error(_base(model={"vision_tower_from": "x"})).startswith("model.vision_tower_from: set model.vision_tower")
 
 
+def test_shapes_question_types_are_checked_before_training():
+    ok = recipe_from_dict(_base(data={"sources": [{"type": "shapes", "n": 4, "question_types": ["position"]}]}))
+    assert ok.data.sources[0].question_types == ["position"]
+    for bad in (["where"], []):
+        message = _error(_base(data={"sources": [{"type": "shapes", "n": 4, "question_types": bad}]}))
+        assert message.startswith("data.sources[0].question_types:") and "'position'" in message
+
+
 def test_yaml_file_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sources: [{type: shapes}]\nstages:\n  - {type: denoiser, steps: many}\n")

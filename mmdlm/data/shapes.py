@@ -9,7 +9,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -284,6 +284,7 @@ class ShapesWorld:
 
 
 SHAPES_TASKS = ("caption", "vqa", "t2i", "chat")
+QUESTION_TYPES = ("color", "shape", "count", "exist", "position", "size")  # the `qtype`s of `make_questions`
 
 
 def understanding_example(image: Image.Image, question: str, answer: str, qtype: str) -> dict:
@@ -312,24 +313,31 @@ def chat_example(image: Image.Image, qas: Sequence[QA], rng: random.Random) -> d
 
 
 def shapes_examples(
-    split: str, n: int, seed: int = 0, tasks: Sequence[str] = ("caption", "vqa", "t2i")
+    split: str, n: int, seed: int = 0, tasks: Sequence[str] = ("caption", "vqa", "t2i"),
+    question_types: Optional[Sequence[str]] = None,
 ) -> list[dict]:
     """Training examples from the first `n` scenes of a split: per scene one caption example, one VQA example per
     question from `make_questions`, one t2i example whose prompt is the caption, and one "chat" example that asks
-    the caption and every question in one multi-turn conversation (as `tasks` selects)."""
+    the caption and every question in one multi-turn conversation (as `tasks` selects). `question_types` (any of
+    `QUESTION_TYPES`; default all) keeps only those questions in the VQA and chat examples."""
     unknown = set(tasks) - set(SHAPES_TASKS)
     if unknown:
         raise ValueError(f"unknown Shapes tasks {sorted(unknown)}; use any of {SHAPES_TASKS}")
+    unknown = set(question_types or ()) - set(QUESTION_TYPES)
+    if unknown or (question_types is not None and not question_types):
+        raise ValueError(f"question types {sorted(unknown) or '[]'}: choose one or more of {QUESTION_TYPES}")
+    keep = set(question_types or QUESTION_TYPES)
     examples = []
     for index, sample in enumerate(ShapesWorld(split, n, seed)):
         if "caption" in tasks:
             examples.append(understanding_example(sample.image, CAPTION_PROMPT, sample.caption, "caption"))
         if "vqa" in tasks:
             for qa in sample.qas:
-                examples.append(understanding_example(sample.image, qa.question, qa.answer, qa.qtype))
+                if qa.qtype in keep:
+                    examples.append(understanding_example(sample.image, qa.question, qa.answer, qa.qtype))
         if "t2i" in tasks:
             examples.append({"task": "t2i", "prompt": sample.caption, "image": sample.image})
         if "chat" in tasks:
-            turns = [QA(CAPTION_PROMPT, sample.caption, "caption"), *sample.qas]
+            turns = [QA(CAPTION_PROMPT, sample.caption, "caption"), *(qa for qa in sample.qas if qa.qtype in keep)]
             examples.append(chat_example(sample.image, turns, random.Random(scene_seed(seed, split + "/chat", index))))
     return examples

@@ -59,12 +59,25 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     exist_by_answer: dict[str, list[bool]] = defaultdict(list)
     # A wrong "where is the blue square?" that names another object's cell found an object but not the one asked.
     position_answers: dict[str, int] = dict.fromkeys(("right", "another object's cell", "an empty cell", "no position"), 0)
+    # "What color is the circle?" answered with the colour of a random object of the scene is right as often as the
+    # scene's objects share the answer: the bar a model sits at that reads objects but cannot look one up.
+    random_object: dict[str, list[float]] = defaultdict(list)
+    # "Where is the blue square?" answered with the cell of an object found by its colour alone (or its shape alone):
+    # above the random-object bar, such partial lookups still score this much.
+    partial_lookup: dict[str, list[float]] = defaultdict(list)
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
         for (s, qa), a in zip(chunk, answers):
             right = normalize_answer(a) == qa.answer.lower()
             by_type[qa.qtype].append(right)
             by_objects[str(len(s.scene.shapes))].append(right)
+            if qa.qtype in ("color", "shape", "position"):
+                objects = s.scene.shapes
+                random_object[qa.qtype].append(sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects))
+            if qa.qtype == "position":
+                asked = next(o for o in s.scene.shapes if o.position == qa.answer)
+                for attr in ("color", "shape"):
+                    partial_lookup[attr].append(1 / sum(getattr(o, attr) == getattr(asked, attr) for o in s.scene.shapes))
             if qa.qtype == "exist":
                 exist_by_answer[qa.answer].append(right)
             if qa.qtype == "position":
@@ -82,6 +95,8 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
         "vqa_exist_by_answer": {k: _mean(v) for k, v in sorted(exist_by_answer.items(), reverse=True)},
         "vqa_position_answers": ({k: v / len(by_type["position"]) for k, v in position_answers.items()}
                                  if by_type.get("position") else {}),
+        "vqa_random_object_chance": {k: _mean(v) for k, v in sorted(random_object.items())},
+        "vqa_position_by_one_attribute": {k: _mean(v) for k, v in partial_lookup.items()},
         "caption_exact_match": _mean([c["exact_match"] for c in cap_scores]),
         "caption_attribute_accuracy": {
             a: _mean([c[a] for c in cap_scores]) for a in ("color", "shape", "size", "position")
@@ -139,7 +154,12 @@ def format_table(results: dict) -> str:
         return (("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
                  if by_answer else "")
                 + ("; position answered with " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in where.items()
-                                                           if k != "right") if where else ""))
+                                                           if k != "right") if where else "")
+                + ("; a random object's answer would score " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items())
+                   if (chance := m.get("vqa_random_object_chance")) else "")
+                + ("; the cell of an object found by its " + " or its ".join(f"{k} alone {100 * v:.1f}%"
+                                                                            for k, v in partial.items())
+                   if (partial := m.get("vqa_position_by_one_attribute")) else ""))
 
     by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items())
                + breakdowns(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]

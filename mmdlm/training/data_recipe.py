@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from ..data.shapes import QUESTION_TYPES
 from .schema import RecipeError, check_positive
 
 
@@ -18,6 +19,7 @@ class ShapesSource:
     n: int = 1000
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa", "t2i"])
+    question_types: Optional[list[str]] = None  # only these questions in "vqa" / "chat" rows (default: all)
     weight: float = 1.0
 
 
@@ -103,3 +105,7 @@ def check_source(src: Any, path: str) -> None:
         raise RecipeError(f"{path}.{required}: required for a {src.type!r} source")
     if isinstance(src, ShapesSource):
         check_positive(src.n, f"{path}.n")
+        if src.question_types is not None and (not src.question_types
+                                               or not set(src.question_types) <= set(QUESTION_TYPES)):
+            raise RecipeError(f"{path}.question_types: got {src.question_types}; choose one or more of "
+                              f"{list(QUESTION_TYPES)}, or leave it out for all")

@@ -60,7 +60,8 @@ def load_source(src: Any, on_missing: str = "error") -> tuple[list[dict], list[s
     if src.type == "shapes":
         from ..data.shapes import shapes_examples
 
-        return shapes_examples(src.split, src.n, seed=src.seed, tasks=tuple(src.tasks)), []
+        return shapes_examples(src.split, src.n, seed=src.seed, tasks=tuple(src.tasks),
+                               question_types=src.question_types), []
     if src.type == "digits":
         from ..data.digits import digit_examples
 
