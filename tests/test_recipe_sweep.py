@@ -82,7 +82,7 @@ def test_round_four_adds_slot_embeddings_to_the_shipped_recipe_only(tmp_path):
     assert {**s10, "output_dir": None} == {**shipped, "output_dir": None}
 
 
-def test_round_five_tunes_the_tower_in_the_causal_stage_or_changes_the_seed(tmp_path, monkeypatch):
+def test_round_five_variants(tmp_path, monkeypatch):
     s11 = load_recipe(sweep.write_recipes(["S11-tower-tuned"], tmp_path)["S11-tower-tuned"])
     s1 = load_recipe(sweep.write_recipes(["S1-shift2800"], tmp_path)["S1-shift2800"])
     causal, diffusion = s11.stages[-2:]
@@ -94,6 +94,14 @@ def test_round_five_tunes_the_tower_in_the_causal_stage_or_changes_the_seed(tmp_
     shipped = load_recipe(sweep.SHIFT2800).to_dict()
     assert (seed1["seed"], shipped["seed"]) == (1, 0)
     assert {**seed1, "output_dir": None, "seed": 0} == {**shipped, "output_dir": None}
+    s12, s13 = (load_recipe(p).to_dict() for p in sweep.write_recipes(["S12-slotpos-where", "S13-where"],
+                                                                      tmp_path).values())
+    where = {"type": "shapes", "split": "train", "n": 30000, "seed": 1, "tasks": ["vqa"], "question_types": ["position"],
+             "weight": 1.2}
+    assert s12["data"]["sources"][-1] == s13["data"]["sources"][-1] == where
+    assert s13["data"]["sources"][:-1] == shipped["data"]["sources"]
+    assert s12["model"]["image_slot_embeddings"] and s12["stages"][-2]["steps"] == 1000
+    assert {**s13, "output_dir": None, "data": None} == {**shipped, "output_dir": None, "data": None}
     monkeypatch.setitem(sweep.VARIANTS, "bad", sweep.Variant(sweep.DIFFUSION_ONLY, causal={"freeze": []}))
     with pytest.raises(ValueError, match="no causal denoiser stage"):
         sweep.variant_recipe("bad", tmp_path)

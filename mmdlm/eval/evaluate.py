@@ -63,7 +63,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
     # scene's objects share the answer: the bar a model sits at that reads objects but cannot look one up.
     random_object: dict[str, list[float]] = defaultdict(list)
     # "Where is the blue square?" answered with the cell of an object found by its colour alone (or its shape alone):
-    # above the random-object bar, such partial lookups still score this much.
+    # what a model scores that uses one of the two attributes asked.
     partial_lookup: dict[str, list[float]] = defaultdict(list)
     for chunk in _batched(questions, batch_size):
         answers = pipe.answer([s.image for s, _ in chunk], [qa.question for _, qa in chunk], **sampling)
@@ -74,14 +74,13 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
             if qa.qtype in ("color", "shape", "position"):
                 objects = s.scene.shapes
                 random_object[qa.qtype].append(sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects))
-            if qa.qtype == "position":
-                asked = next(o for o in s.scene.shapes if o.position == qa.answer)
-                for attr in ("color", "shape"):
-                    partial_lookup[attr].append(1 / sum(getattr(o, attr) == getattr(asked, attr) for o in s.scene.shapes))
             if qa.qtype == "exist":
                 exist_by_answer[qa.answer].append(right)
             if qa.qtype == "position":
                 position_answers[_position_answer_kind(a, qa.answer, s)] += 1
+                asked = next(o for o in s.scene.shapes if o.position == qa.answer)
+                for attr in ("color", "shape"):
+                    partial_lookup[attr].append(1 / sum(getattr(o, attr) == getattr(asked, attr) for o in s.scene.shapes))
     captions, cap_scores = [], []
     for chunk in _batched(samples, batch_size):
         preds = pipe.caption([s.image for s in chunk], **sampling)
