@@ -125,8 +125,8 @@ VARIANTS: dict[str, Variant] = {
     # stage did not answer position questions better: round4/README.md.)
     "S10-slotpos": Variant(SHIFT2800, model={"image_slot_embeddings": True}),
     # Round 5: the shipped model captions positions right 99% of the time but answers "where is the blue square?"
-    # 57%: the tower's features were shaped by a captioner that reads the cells in order, not by questions that look
-    # one object up by colour and shape. Its causal stage trains the tower too (a quarter of the stage's lr); the
+    # 57%. Perhaps its tower's features suit a captioner that reads the cells in order, not questions that look one
+    # object up by colour and shape: this causal stage trains the tower too (a quarter of the stage's lr); the
     # diffusion stage keeps it as the causal stage left it. (At 1 000 steps: no change; round5/README.md.)
     "S11-tower-tuned": Variant(SHIFT2800, 1000, causal={"freeze": [], "vision_tower_lr": 2e-4}),
     # Round 4 found existence questions learned by S9's causal stage and not by S10's: the shipped recipe again with
