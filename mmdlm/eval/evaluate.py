@@ -71,16 +71,16 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
             right = normalize_answer(a) == qa.answer.lower()
             by_type[qa.qtype].append(right)
             by_objects[str(len(s.scene.shapes))].append(right)
+            objects = s.scene.shapes
             if qa.qtype in ("color", "shape", "position"):
-                objects = s.scene.shapes
                 random_object[qa.qtype].append(sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects))
             if qa.qtype == "exist":
                 exist_by_answer[qa.answer].append(right)
             if qa.qtype == "position":
                 position_answers[_position_answer_kind(a, qa.answer, s)] += 1
-                asked = next(o for o in s.scene.shapes if o.position == qa.answer)
+                asked = next(o for o in objects if o.position == qa.answer)
                 for attr in ("color", "shape"):
-                    partial_lookup[attr].append(1 / sum(getattr(o, attr) == getattr(asked, attr) for o in s.scene.shapes))
+                    partial_lookup[attr].append(1 / sum(getattr(o, attr) == getattr(asked, attr) for o in objects))
     captions, cap_scores = [], []
     for chunk in _batched(samples, batch_size):
         preds = pipe.caption([s.image for s in chunk], **sampling)
@@ -149,16 +149,17 @@ def format_table(results: dict) -> str:
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     def breakdowns(m: dict) -> str:
-        by_answer, where = m.get("vqa_exist_by_answer"), m.get("vqa_position_answers")
-        return (("; exist when the answer is " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_answer.items())
-                 if by_answer else "")
-                + ("; position answered with " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in where.items()
-                                                           if k != "right") if where else "")
-                + ("; a random object's answer would score " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items())
-                   if (chance := m.get("vqa_random_object_chance")) else "")
-                + ("; the cell of an object found by its " + " or its ".join(f"{k} alone {100 * v:.1f}%"
-                                                                            for k, v in partial.items())
-                   if (partial := m.get("vqa_position_by_one_attribute")) else ""))
+        def pct(d: dict, sep: str = ", ", fmt: str = "{k} {v}") -> str:
+            return sep.join(fmt.format(k=k, v=f"{100 * v:.1f}%") for k, v in d.items())
+
+        # (metric, how its line begins, what it lists): each part is shown when the metric is there
+        parts = [("vqa_exist_by_answer", "exist when the answer is ", pct),
+                 ("vqa_position_answers", "position answered with ",
+                  lambda d: pct({k: v for k, v in d.items() if k != "right"})),
+                 ("vqa_random_object_chance", "a random object's answer would score ", pct),
+                 ("vqa_position_by_one_attribute", "the cell of an object found by its ",
+                  lambda d: pct(d, " or its ", "{k} alone {v}"))]
+        return "".join(f"; {lead}{show(m[key])}" for key, lead, show in parts if m.get(key))
 
     by_type = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("vqa_by_type", {}).items())
                + breakdowns(m) + " |" for s, m in results["splits"].items() if m.get("vqa_by_type")]
