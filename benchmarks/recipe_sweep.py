@@ -142,6 +142,22 @@ VARIANTS: dict[str, Variant] = {
     # S12's position questions on the shipped recipe as it is (no slot embeddings, 3 000 causal steps). (Position
     # 59.9%, the random-object level: not a shortage of examples.)
     "S13-where": Variant(SHIFT2800, 3000, add_sources=[_position_source(1.2)]),
+    # Round 6: a 4-layer RoPE reader on the frozen tower's slots, trained on the questions alone (one answer per row),
+    # answers colour-of-shape and position questions at 96% and 92% (round6/README.md), so the slots and RoPE suffice.
+    # The causal stage's next-token loss is a mean over every target token, and each understanding row is EOS-padded
+    # to 32 answer tokens: a one-word answer is ~2 of its row's 32 targets, the rest trivial padding. Here the padding
+    # after the closing EOS is not a target (pad_counts_as_answer: false).
+    "S14-ar-nopad": Variant(SHIFT2800, 1000, causal={"loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    # The same reader needs its questions in number: trained on 48 000 question rows it answers colour-of-shape,
+    # position and existence questions at the random-object level, as every causal stage so far (S9's saw about
+    # 38 000 Shapes question rows); on 192 000, at 94%, 81%, 76% (round6/README.md). A causal-stage probe, not a
+    # recipe: questions only (the caption source becomes 30 000 other scenes' questions, digits keep their
+    # question), 64 unpadded rows a step (about the tokens of S9's 32 padded ones), 3 000 steps: ~150 000 Shapes
+    # question rows. Its diffusion stage would draw no captions.
+    "S15-questions": Variant(SHIFT2800, 3000, sources={0: {"tasks": ["vqa"], "n": 30000, "seed": 1},
+                                                       3: {"tasks": ["vqa"]}},
+                             causal={"batch_size": 64, "min_answer_length": 0,
+                                     "loss": {"objective": "ar", "pad_counts_as_answer": False}}),
 }
 
 

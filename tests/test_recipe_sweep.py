@@ -205,3 +205,19 @@ def test_the_committed_round_two_prefix_matches_its_recipe():
     vocab = json.loads((prefix / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
     assert len(vocab) <= recipe.tokenizer.vocab_size
     assert "vision_pretrain" in {json.loads(line)["stage"] for line in (prefix / "metrics.jsonl").open()}
+
+
+def test_round_six_variants(tmp_path):
+    written = sweep.write_recipes(["S1-shift2800", "S14-ar-nopad", "S15-questions", "S9-ar3000"], tmp_path)
+    s1, s14, s15, s9 = (load_recipe(p) for p in written.values())
+    nopad = {"objective": "ar", "pad_counts_as_answer": False}
+    assert s14.stages[-2].loss == nopad and s1.stages[-2].loss == {"objective": "ar"}
+    assert dataclasses.replace(s14.stages[-2], loss=s1.stages[-2].loss) == s1.stages[-2]
+    assert s14.stages[-1] == s1.stages[-1] and s14.data == s1.data
+    causal = s15.stages[-2]
+    assert (causal.steps, causal.batch_size, causal.min_answer_length, causal.loss) == (3000, 64, 0, nopad)
+    sources = s15.to_dict()["data"]["sources"]
+    shipped = s9.to_dict()["data"]["sources"]
+    assert sources[0] == {**shipped[0], "tasks": ["vqa"], "n": 30000, "seed": 1}
+    assert sources[3] == {**shipped[3], "tasks": ["vqa"]} and sources[1:3] + sources[4:] == shipped[1:3] + shipped[4:]
+    assert not any("caption" in s.get("tasks", []) for s in sources)  # questions only, as its comment says
