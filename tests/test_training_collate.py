@@ -179,3 +179,31 @@ def test_a_stage_can_train_on_some_tasks_only():
     assert {ex["task"] for step in range(20) for ex in mixture.sample(8, 0, step)} == {"understanding", "t2i"}
     with pytest.raises(ValueError, match="select no data"):
         mixture.restricted(["text"])
+
+
+def test_a_stage_can_weigh_the_sources_its_own_way():
+    from mmdlm.training.mixture import LoadedSource, Mixture
+
+    captions = [{"task": "understanding", "kind": "caption", "i": i} for i in range(4)]
+    questions = [{"task": "understanding", "kind": "question", "i": i} for i in range(4)]
+    drawing = [{"task": "t2i", "kind": "draw", "i": i} for i in range(2)] + [{"task": "understanding",
+                                                                            "kind": "digit", "i": 0}]
+    mixture = Mixture([LoadedSource("c", captions, 1.0), LoadedSource("q", questions, 1.0),
+                       LoadedSource("d", drawing, 3.0)], seed=0)
+    assert mixture.reweighted(None) is mixture
+    questions_only = mixture.reweighted([0, 1.0, 0])
+    assert questions_only.task_shares() == {"understanding": 1.0} and questions_only.sources is mixture.sources
+    assert {ex["kind"] for step in range(20) for ex in questions_only.sample(8, 0, step)} == {"question"}
+    assert sorted(ex["kind"] for ex in questions_only.drawn_examples()) == ["question"] * 4
+    # a source's weight is shared by its tasks as in the recipe's mixture: 2/3 of source d's rows are drawings
+    heavy = mixture.reweighted([1.0, 0.0, 6.0]).task_shares()
+    assert heavy == pytest.approx({"understanding": (1.0 + 2.0) / 7.0, "t2i": 4.0 / 7.0})
+    reading = mixture.reweighted([1.0, 0.0, 6.0]).restricted(["understanding"])
+    assert {ex["kind"] for step in range(30) for ex in reading.sample(8, 0, step)} == {"caption", "digit"}
+    assert sorted(ex["kind"] for ex in reading.drawn_examples()) == ["caption"] * 4 + ["digit"]
+    assert mixture.weights == pytest.approx(Mixture(mixture.sources, seed=0).weights)  # the original is untouched
+    with pytest.raises(ValueError, match="select no data; the mixture draws \\['understanding'\\]"):
+        questions_only.restricted(["t2i"])
+    for bad in ([1.0, 1.0], [0, 0, 0], [1.0, -1.0, 1.0]):
+        with pytest.raises(ValueError, match="one per data source"):
+            mixture.reweighted(bad)

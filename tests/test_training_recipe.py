@@ -70,6 +70,12 @@ def test_tagged_unions_and_value_checks():
     assert _error(_base(stages=[{"type": "denoiser", "tasks": ["reading"]}])).startswith(
         "stages[0].tasks[0]: unknown task 'reading'")
     assert _error(_base(stages=[{"type": "denoiser", "tasks": []}])).startswith("stages[0].tasks: empty")
+    two = {"sources": [{"type": "shapes", "n": 4}, {"type": "digits"}]}
+    weighted = lambda w: _base(data=two, stages=[{"type": "denoiser", "source_weights": w}])  # noqa: E731
+    assert recipe_from_dict(weighted([0, 2])).stages[0].source_weights == [0.0, 2.0]
+    assert _error(weighted([1.0])).startswith("stages[0].source_weights: 1 weights for 2 data.sources")
+    assert _error(weighted([1.0, -1.0])).startswith("stages[0].source_weights[1]: must be >= 0")
+    assert _error(weighted([0, 0])).startswith("stages[0].source_weights: all 0")
     assert "image_tokenizer" in _error(_base(stages=[{"type": "image_tokenizer"}]))  # needs model.image_tokenizer
     msg = _error(_base(model={"image_tokenizer": {"image_size": 30}}, stages=[{"type": "image_tokenizer"}]))
     assert msg.startswith("model.image_tokenizer:") and "divisible" in msg

@@ -169,6 +169,18 @@ def test_a_next_token_stage_then_a_diffusion_stage(base, tmp_path):
         run(base, tmp_path / "refused", d)
 
 
+def test_a_stage_draws_with_its_own_source_weights(base, tmp_path, capsys):
+    sources = [{"type": "shapes", "n": 6, "tasks": ["caption"]}, {"type": "shapes", "n": 6, "tasks": ["t2i"]}]
+    d = recipe_dict(steps=3, sources=sources, source_weights=[1.0, 0.0])
+    run(base, tmp_path / "reading", d)
+    rows = [r for r in read_metrics(tmp_path / "reading" / "metrics.jsonl") if r.get("stage") == "model"]
+    assert rows and all("understanding" in r and "t2i" not in r for r in rows if "loss" in r)
+    assert "task shares understanding 1.00" in capsys.readouterr().out
+    d["stages"][-1]["tasks"] = ["t2i"]  # the source that holds the stage's task is weighed 0
+    with pytest.raises(ValueError, match=r"stages\[2\]\.tasks: the stage's tasks \['t2i'\] select no data"):
+        run(base, tmp_path / "nothing", d)
+
+
 def test_vision_tower_from_copies_a_saved_tower_and_refuses_another_shape(base, straight, tmp_path):
     d = recipe_dict(steps=1, freeze=["vision_tower"])
     d["model"]["vision_tower_from"] = str(straight)

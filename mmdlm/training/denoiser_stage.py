@@ -174,6 +174,10 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     ctx.check_fresh(stage)
     acc, seed, path = ctx.accelerator, ctx.recipe.seed, f"stages[{index}]"
     try:
+        mixture = mixture.reweighted(stage.source_weights)
+    except ValueError as e:
+        raise ValueError(f"{path}.source_weights: {e}") from None
+    try:
         mixture = mixture.restricted(stage.tasks)
     except ValueError as e:
         raise ValueError(f"{path}.tasks: {e}") from None
@@ -183,8 +187,7 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     config = model.config
     if stage.is_causal is not None:
         config.is_causal = stage.is_causal  # read at every forward; saved with this stage's model
-    everything = [ex for ex in mixture.examples if stage.tasks is None or ex["task"] in stage.tasks]
-    everything += eval_examples
+    everything = mixture.drawn_examples() + eval_examples
     _check_capabilities(config, everything, path)
     _check_loss_options(stage, config, path)
     _apply_freeze(model, stage, path)

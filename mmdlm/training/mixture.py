@@ -155,15 +155,20 @@ class Mixture:
         self.sources = sources
         self.seed = int(seed)
         self.buckets: list[tuple[str, list[dict]]] = []
-        weights = []
-        for s in sources:
+        self.bucket_sources: list[int] = []  # the index in `sources` of each bucket
+        for i, s in enumerate(sources):
             by_task: dict[str, list[dict]] = {}
             for ex in s.examples:
                 by_task.setdefault(ex["task"], []).append(ex)
             for task, exs in by_task.items():
                 self.buckets.append((task, exs))
-                weights.append(s.weight * len(exs) / len(s.examples))
-        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+                self.bucket_sources.append(i)
+        self.weights = self._bucket_weights([s.weight for s in sources])
+
+    def _bucket_weights(self, source_weights: Sequence[float]) -> np.ndarray:
+        weights = np.array([source_weights[i] * len(exs) / len(self.sources[i].examples)
+                            for i, (_, exs) in zip(self.bucket_sources, self.buckets)], dtype=np.float64)
+        return weights / weights.sum()
 
     @property
     def examples(self) -> Iterator[dict]:
@@ -175,24 +180,42 @@ class Mixture:
         return [m for s in self.sources for m in s.skipped]
 
     def task_shares(self) -> dict[str, float]:
-        """Expected fraction of each task in a batch."""
+        """Expected fraction of each task in a batch (tasks that cannot be drawn left out)."""
         shares: dict[str, float] = {}
         for (task, _), w in zip(self.buckets, self.weights):
-            shares[task] = shares.get(task, 0.0) + float(w)
+            if w > 0:
+                shares[task] = shares.get(task, 0.0) + float(w)
         return shares
+
+    def reweighted(self, source_weights: Optional[Sequence[float]]) -> "Mixture":
+        """The same sources and seed drawn with other source weights, one per source in order (0 leaves a source
+        out); ``None``: this mixture itself."""
+        if source_weights is None:
+            return self
+        if len(source_weights) != len(self.sources) or min(source_weights) < 0 or not sum(source_weights) > 0:
+            raise ValueError(f"expected {len(self.sources)} weights >= 0 (one per data source, in order, not all 0), "
+                             f"got {list(source_weights)}")
+        out = copy.copy(self)
+        out.weights = self._bucket_weights(source_weights)
+        return out
 
     def restricted(self, tasks: Optional[Sequence[str]]) -> "Mixture":
         """The same sources and seed with only the buckets of ``tasks`` (``None``: this mixture itself)."""
         if tasks is None:
             return self
-        keep = [i for i, (task, _) in enumerate(self.buckets) if task in tasks]
+        keep = [i for i, (task, _) in enumerate(self.buckets) if task in tasks and self.weights[i] > 0]
         if not keep:
-            present = sorted({task for task, _ in self.buckets})
-            raise ValueError(f"the stage's tasks {list(tasks)} select no data; the mixture holds {present}")
+            present = sorted({task for (task, _), w in zip(self.buckets, self.weights) if w > 0})
+            raise ValueError(f"the stage's tasks {list(tasks)} select no data; the mixture draws {present}")
         out = copy.copy(self)
         out.buckets = [self.buckets[i] for i in keep]
+        out.bucket_sources = [self.bucket_sources[i] for i in keep]
         out.weights = self.weights[keep] / self.weights[keep].sum()
         return out
+
+    def drawn_examples(self) -> list[dict]:
+        """Every example that :meth:`sample` can draw (those of buckets with a weight above 0)."""
+        return [ex for (_, exs), w in zip(self.buckets, self.weights) if w > 0 for ex in exs]
 
     def sample(self, batch_size: int, *keys: int, group_by_task: bool = False) -> list[dict]:
         """Draw ``batch_size`` examples from a generator seeded by (seed, *keys) — pass (stage, step, micro, rank).

@@ -112,6 +112,8 @@ class DenoiserStage:
     ``group_by_task`` draws each micro-batch from one task, which avoids padding short understanding rows to
     the length of t2i rows (cheaper on CPU). ``tasks`` restricts the stage to some of the mixture's tasks
     (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them.
+    ``source_weights`` gives the stage its own weight for each of ``data.sources``, in their order (0 leaves a
+    source out of the stage, as LLaVA trains its stages on different data); ``None`` keeps the sources' weights.
     ``is_causal`` overrides the model's attention for this stage and the model it saves: ``true`` with
     ``loss: {objective: ar}`` for a next-token first stage, then a bidirectional diffusion stage continues from it
     (AR-to-diffusion adaptation, as Dream-7B starts from an AR model)."""
@@ -137,6 +139,7 @@ class DenoiserStage:
     min_answer_length: int = 0
     group_by_task: bool = False
     tasks: Optional[list[str]] = None
+    source_weights: Optional[list[float]] = None
     is_causal: Optional[bool] = None
     bf16: bool = True
     bf16_cpu: bool = False
@@ -246,6 +249,8 @@ def _check_stage(stage: Any, path: str) -> None:
         for i, name in enumerate(stage.freeze):
             if not name.strip():
                 raise RecipeError(f"{path}.freeze[{i}]: empty parameter prefix")
+        for i, w in enumerate(stage.source_weights or ()):
+            check_positive(w, f"{path}.source_weights[{i}]", allow_zero=True)
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -281,6 +286,13 @@ def validate(recipe: Recipe) -> Recipe:
                 "image_tokenizer, tokenizer, vision_pretrain, denoiser"
             )
     _check_vision_sources(recipe, kinds)
+    for i, stage in enumerate(recipe.stages):
+        weights = getattr(stage, "source_weights", None)
+        if weights is not None and len(weights) != len(recipe.data.sources):
+            raise RecipeError(f"stages[{i}].source_weights: {len(weights)} weights for {len(recipe.data.sources)} "
+                              "data.sources; give one weight per source, in their order")
+        if weights is not None and not sum(weights) > 0:
+            raise RecipeError(f"stages[{i}].source_weights: all 0; give at least one source a positive weight")
     if not recipe.data.sources and any(k != "tokenizer" for k in kinds):
         raise RecipeError("data.sources: empty; a training stage needs at least one data source")
     if recipe.model.init_from is not None and any(k in ("image_tokenizer", "tokenizer") for k in kinds):
