@@ -14,7 +14,7 @@ CPU and shipped as shapes-tiny, so the base's causal stage now has S9's 3 000 st
 Round 4 (2026-11-28, base: the shipped recipe): S10's causal stage on the CPU (round4/README.md).
 Round 5 (2026-11-28, same base): causal stages of S9-seed1 and S11-S13 on the CPU (round5/README.md).
 Round 6 (2026-12-01, same base): causal stages of S14 and S15 on the CPU, after benchmarks/slot_reader_probe.py
-(round6/README.md).
+(round6/README.md); S16 and S17 prepared for the next round.
 Results: benchmarks/results/recipe-sweep/ and docs/shapes-tiny-history.md.
 
     python benchmarks/recipe_sweep.py --write-only                # just write the variant recipes, to read them
@@ -67,12 +67,18 @@ class Variant(NamedTuple):
     # Model options merged into the base's; only the denoiser stages are trained with them (the reused tower is not).
     model: Optional[dict] = None
     causal: Optional[dict] = None         # fields of the causal (first denoiser) stage, merged into the base's
+    diffusion: Optional[dict] = None      # fields of the last (diffusion) stage, merged into the base's
     seed: Optional[int] = None            # the run's seed (the reused first stages keep the ones they were built with)
 
 
 def _chat_source(weight: float) -> dict:
     """A source of Shapes conversations (caption and every question of a training scene in one row)."""
     return {"type": "shapes", "split": "train", "n": 6000, "tasks": ["chat"], "weight": weight}
+
+
+def _questions_source(weight: float) -> dict:
+    """Every question of 30 000 training scenes that the base's sources (seed 0) do not hold."""
+    return {"type": "shapes", "split": "train", "n": 30000, "seed": 1, "tasks": ["vqa"], "weight": weight}
 
 
 def _position_source(weight: float) -> dict:
@@ -163,6 +169,20 @@ VARIANTS: dict[str, Variant] = {
                                                        3: {"tasks": ["vqa"]}},
                              causal={"batch_size": 64, "min_answer_length": 0,
                                      "loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    # Prepared for the next probes (not trained yet): S15 with about 230 000 question rows (4 500 steps), past the
+    # 192 000 the probe readers learned from...
+    "S16-questions-230k": Variant(SHIFT2800, 4500, sources={0: {"tasks": ["vqa"], "n": 30000, "seed": 1},
+                                                            3: {"tasks": ["vqa"]}},
+                                  causal={"batch_size": 64, "min_answer_length": 0,
+                                          "loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    # ...and a whole recipe built on it: the causal stage draws the shipped sources plus 30 000 other scenes'
+    # questions (source_weights: about 77% Shapes questions, 15% captions, 8% digits; ~220 000 question rows), the
+    # diffusion stage the shipped mixture without the added source.
+    "S17-questions-captions": Variant(SHIFT2800, 4500, add_sources=[_questions_source(1.0)],
+                                      causal={"batch_size": 64, "min_answer_length": 0,
+                                              "loss": {"objective": "ar", "pad_counts_as_answer": False},
+                                              "source_weights": [1.2, 1.2, 3.0, 0.6, 1.0, 4.8]},
+                                      diffusion={"source_weights": [1.2, 1.2, 3.0, 0.6, 1.0, 0.0]}),
 }
 
 
@@ -182,6 +202,8 @@ def variant_recipe(name: str, out_dir: Path) -> dict:
         if not denoisers[0].get("is_causal"):
             raise ValueError(f"{name}: causal-stage fields given but {v.base.name} has no causal denoiser stage")
         denoisers[0].update(copy.deepcopy(v.causal))
+    if v.diffusion:
+        denoisers[-1].update(copy.deepcopy(v.diffusion))
     if v.diff_steps is not None:
         denoisers[-1]["steps"] = v.diff_steps
     if v.lr is not None:

@@ -221,3 +221,20 @@ def test_round_six_variants(tmp_path):
     assert sources[0] == {**shipped[0], "tasks": ["vqa"], "n": 30000, "seed": 1}
     assert sources[3] == {**shipped[3], "tasks": ["vqa"]} and sources[1:3] + sources[4:] == shipped[1:3] + shipped[4:]
     assert not any("caption" in s.get("tasks", []) for s in sources)  # questions only, as its comment says
+
+
+def test_prepared_probes_s16_and_s17(tmp_path):
+    written = sweep.write_recipes(["S15-questions", "S16-questions-230k", "S17-questions-captions", "S9-ar3000"],
+                                  tmp_path)
+    s15, s16, s17, s9 = (load_recipe(p) for p in written.values())
+    assert s16.stages[-2] == dataclasses.replace(s15.stages[-2], steps=4500) and s16.data == s15.data
+    shipped = s9.to_dict()
+    r = s17.to_dict()
+    assert r["data"]["sources"][:-1] == shipped["data"]["sources"]
+    assert r["data"]["sources"][-1] == {"type": "shapes", "split": "train", "n": 30000, "seed": 1, "tasks": ["vqa"],
+                                        "question_types": None, "weight": 1.0}
+    causal, diffusion = r["stages"][-2], r["stages"][-1]
+    assert causal["source_weights"] == [1.2, 1.2, 3.0, 0.6, 1.0, 4.8] and causal["steps"] == 4500
+    # the diffusion stage draws the shipped mixture: the shipped weights, and none of the added source
+    assert diffusion["source_weights"] == [s["weight"] for s in shipped["data"]["sources"]] + [0.0]
+    assert {**diffusion, "source_weights": None} == shipped["stages"][-1]
