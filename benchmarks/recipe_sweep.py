@@ -88,6 +88,13 @@ def _position_source(weight: float) -> dict:
             "weight": weight}
 
 
+# Round 6's causal stages: next-token loss without the EOS padding targets, on 64 unpadded rows a step, and a
+# mixture of questions only (the caption source becomes 30 000 other scenes' questions; digits keep their question).
+_AR_WITHOUT_PADDING = {"objective": "ar", "pad_counts_as_answer": False}
+_UNPADDED_64 = {"batch_size": 64, "min_answer_length": 0, "loss": _AR_WITHOUT_PADDING}
+_QUESTIONS_ONLY = {0: {"tasks": ["vqa"], "n": 30000, "seed": 1}, 3: {"tasks": ["vqa"]}}
+
+
 VARIANTS: dict[str, Variant] = {
     "A-a2d": Variant(A2D),
     "B-a2d-lr2e-4": Variant(A2D, lr=2e-4),
@@ -156,7 +163,7 @@ VARIANTS: dict[str, Variant] = {
     # The causal stage's next-token loss is a mean over every target token, and each understanding row is EOS-padded
     # to 32 answer tokens: a one-word answer is ~2 of its row's 32 targets, the rest trivial padding. Here the padding
     # after the closing EOS is not a target (pad_counts_as_answer: false). (No change at 1 000 steps.)
-    "S14-ar-nopad": Variant(SHIFT2800, 1000, causal={"loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    "S14-ar-nopad": Variant(SHIFT2800, 1000, causal={"loss": _AR_WITHOUT_PADDING}),
     # The same reader needs its questions in number: trained on 48 000 question rows it answers colour-of-shape,
     # position and existence questions at the random-object level, as every causal stage so far (S9's saw about
     # 38 000 Shapes question rows); on 192 000, at 94%, 81%, 76% (round6/README.md). A causal-stage probe, not a
@@ -165,23 +172,15 @@ VARIANTS: dict[str, Variant] = {
     # question rows. Its diffusion stage would draw no captions. (Colour-of-shape and position still at the
     # random-object level, existence at chance, shape-of-colour 62.8% against S9's 89.0%; the 6 x 256 probe reader
     # learned the lookups from 192 000 rows, not from 96 000, so more rows are the next probe.)
-    "S15-questions": Variant(SHIFT2800, 3000, sources={0: {"tasks": ["vqa"], "n": 30000, "seed": 1},
-                                                       3: {"tasks": ["vqa"]}},
-                             causal={"batch_size": 64, "min_answer_length": 0,
-                                     "loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    "S15-questions": Variant(SHIFT2800, 3000, sources=_QUESTIONS_ONLY, causal=_UNPADDED_64),
     # Prepared for the next probes (not trained yet): S15 with about 230 000 question rows (4 500 steps), past the
     # 192 000 the probe readers learned from...
-    "S16-questions-230k": Variant(SHIFT2800, 4500, sources={0: {"tasks": ["vqa"], "n": 30000, "seed": 1},
-                                                            3: {"tasks": ["vqa"]}},
-                                  causal={"batch_size": 64, "min_answer_length": 0,
-                                          "loss": {"objective": "ar", "pad_counts_as_answer": False}}),
+    "S16-questions-230k": Variant(SHIFT2800, 4500, sources=_QUESTIONS_ONLY, causal=_UNPADDED_64),
     # ...and a whole recipe built on it: the causal stage draws the shipped sources plus 30 000 other scenes'
     # questions (source_weights: about 77% Shapes questions, 15% captions, 8% digits; ~220 000 question rows), the
     # diffusion stage the shipped mixture without the added source.
     "S17-questions-captions": Variant(SHIFT2800, 4500, add_sources=[_questions_source(1.0)],
-                                      causal={"batch_size": 64, "min_answer_length": 0,
-                                              "loss": {"objective": "ar", "pad_counts_as_answer": False},
-                                              "source_weights": [1.2, 1.2, 3.0, 0.6, 1.0, 4.8]},
+                                      causal={**_UNPADDED_64, "source_weights": [1.2, 1.2, 3.0, 0.6, 1.0, 4.8]},
                                       diffusion={"source_weights": [1.2, 1.2, 3.0, 0.6, 1.0, 0.0]}),
 }
 
@@ -215,7 +214,7 @@ def variant_recipe(name: str, out_dir: Path) -> dict:
         for src, w in zip(sources, v.weights):
             src["weight"] = w
     for index, fields in (v.sources or {}).items():
-        sources[index].update(fields)
+        sources[index].update(copy.deepcopy(fields))
     sources.extend(copy.deepcopy(v.add_sources or []))
     if v.loss:
         denoisers[-1]["loss"] = {**denoisers[-1].get("loss", {}), **v.loss}
