@@ -29,6 +29,7 @@ from tqdm import tqdm
 import mmdlm
 from mmdlm.configuration_mmdlm import MMDLMConfig
 from mmdlm.data.shapes import COLORS, QUESTION_TYPES, SHAPES, ShapesWorld
+from mmdlm.eval.evaluate import random_object_chance
 from mmdlm.modeling_mmdlm import MMDLMModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,8 @@ def question_rows(scenes: list, vocab: dict[str, int], answers: dict[str, int]) 
     for i, (objects, qas) in enumerate(scenes):
         for qa in qas:
             ids = [vocab[w] for w in qa.question.rstrip("?").split()] + [vocab["<sep>"]]
-            chance = (sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects)
-                      if qa.qtype in ("color", "shape", "position") else float("nan"))
+            chance = random_object_chance(objects, qa)
+            chance = float("nan") if chance is None else chance
             rows.append((i, ids, answers[qa.answer], qa.qtype, chance))
     return rows
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from ..data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_caption, load_digit_images
-from ..data.shapes import POSITIONS, ShapesWorld
+from ..data.shapes import POSITIONS, QA, Shape, ShapesWorld
 from .checkers import DigitClassifier, normalize_answer, score_caption, score_drawn_scene
 
 SPLITS = ("test", "compositional", "digits")
@@ -29,6 +29,14 @@ def _batched(items: Sequence, size: int):
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def random_object_chance(objects: Sequence[Shape], qa: QA) -> float | None:
+    """How often the answer about a random object of the scene is right for a colour, shape or position question
+    (the share of the scene's objects that have the asked answer); None for other question types."""
+    if qa.qtype not in ("color", "shape", "position"):
+        return None
+    return sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects)
 
 
 def _position_answer_kind(answer: str, truth: str, sample) -> str:
@@ -72,8 +80,9 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
             by_type[qa.qtype].append(right)
             by_objects[str(len(s.scene.shapes))].append(right)
             objects = s.scene.shapes
-            if qa.qtype in ("color", "shape", "position"):
-                random_object[qa.qtype].append(sum(getattr(o, qa.qtype) == qa.answer for o in objects) / len(objects))
+            chance = random_object_chance(objects, qa)
+            if chance is not None:
+                random_object[qa.qtype].append(chance)
             if qa.qtype == "exist":
                 exist_by_answer[qa.answer].append(right)
             if qa.qtype == "position":

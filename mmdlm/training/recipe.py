@@ -249,8 +249,6 @@ def _check_stage(stage: Any, path: str) -> None:
         for i, name in enumerate(stage.freeze):
             if not name.strip():
                 raise RecipeError(f"{path}.freeze[{i}]: empty parameter prefix")
-        for i, w in enumerate(stage.source_weights or ()):
-            check_positive(w, f"{path}.source_weights[{i}]", allow_zero=True)
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -288,6 +286,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check_vision_sources(recipe, kinds)
     for i, stage in enumerate(recipe.stages):
         weights = getattr(stage, "source_weights", None)
+        for k, w in enumerate(weights or ()):
+            check_positive(w, f"stages[{i}].source_weights[{k}]", allow_zero=True)
         if weights is not None and len(weights) != len(recipe.data.sources):
             raise RecipeError(f"stages[{i}].source_weights: {len(weights)} weights for {len(recipe.data.sources)} "
                               "data.sources; give one weight per source, in their order")
