@@ -128,7 +128,7 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
                                   "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
                                   "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
-                                  "experiments/shapes-tiny-questions-ft"])
+                                  "shapes-tiny-questions"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -168,14 +168,21 @@ def test_bundled_recipes_load(name):
         (stage,) = r.stages
         assert r.model.init_from == "runs/shapes-tiny-pretrain5000/denoiser1"
         assert (stage.is_causal, stage.tasks, stage.steps, stage.lr) == (False, ["understanding"], 300, 2e-4)
-    if name == "experiments/shapes-tiny-questions-ft":  # the bundled model, more questions of 30 000 other scenes
-        (stage,) = r.stages
-        assert r.model.init_from == "mmdlm/weights/shapes-tiny" and not stage.is_causal  # the model's own: bidirectional
+    if name == "shapes-tiny-questions":  # shapes-tiny.yaml's model, more questions of 30 000 other scenes
+        questions, drawing_back = r.stages
         shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
-        questions = [s for s in r.data.sources if s.type == "shapes" and s not in shipped.data.sources]
-        assert [(q.n, q.seed, q.tasks) for q in questions] == [(30000, 1, ["vqa"])]
-        assert questions[0].weight / sum(s.weight for s in r.data.sources) > 0.6
-        assert not any("t2i" in s.tasks and s.type == "shapes" for s in r.data.sources)
+        assert r.model.init_from == f"{shipped.output_dir}/model"  # the first recipe's final folder
+        assert not questions.is_causal and not drawing_back.is_causal  # None: the loaded model's own, bidirectional
+        added = [i for i, s in enumerate(r.data.sources) if s.type == "shapes" and s not in shipped.data.sources]
+        assert [(r.data.sources[i].n, r.data.sources[i].seed, r.data.sources[i].tasks) for i in added] == [
+            (30000, 1, ["vqa"])]
+        (q,) = added
+        assert questions.source_weights[q] / sum(questions.source_weights) > 0.6
+        scenes_t2i = [i for i, s in enumerate(r.data.sources) if s.type == "shapes" and "t2i" in s.tasks]
+        assert [r.data.sources[i] for i in scenes_t2i] == [s for s in shipped.data.sources if s.type == "shapes"
+                                                           and "t2i" in s.tasks]
+        assert [questions.source_weights[i] for i in scenes_t2i] == [0.0]  # the first stage draws no scenes...
+        assert [drawing_back.source_weights[i] for i in scenes_t2i] == [3.0]  # ...the second, as shapes-tiny.yaml
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
