@@ -132,7 +132,8 @@ VARIANTS: dict[str, Variant] = {
     # Round 3's reading evals (n 1 000) found existence answered by one constant word by every S model, while round
     # 1's C (3 000 causal steps) answered it right 94%: 3 000 causal steps before S1's whole diffusion stage. Its
     # causal stage alone, trained on the 2-core CPU (35.9 min vs S1's 11.9), answers existence right 82.5%; the whole
-    # model (VQA 83.8% vs S1's 73.6% on 1 000 test scenes) is shapes-tiny since 2026-11-28, i.e. now the base itself.
+    # model (VQA 83.8% vs S1's 73.6% on 1 000 test scenes) was shapes-tiny from 2026-11-28 to 2026-12-05 and is the
+    # base's own model (the bundled one continues it with configs/shapes-tiny-questions.yaml).
     "S9-ar3000": Variant(SHIFT2800, ar_steps=3000),
     # Round 4: the shipped S9's wrong answers to position questions mostly name another object's cell (33.5% of
     # them; an empty cell 9.0%): the max-pooled slots say what is in a cell, not which cell, and RoPE puts position
