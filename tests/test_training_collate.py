@@ -207,3 +207,26 @@ def test_a_stage_can_weigh_the_sources_its_own_way():
     for bad in ([1.0, 1.0], [0, 0, 0], [1.0, -1.0, 1.0]):
         with pytest.raises(ValueError, match="one per data source"):
             mixture.reweighted(bad)
+
+
+def test_a_source_weighted_0_and_added_last_leaves_every_draw_unchanged():
+    """configs/shapes-tiny-questions.yaml's first stage was trained as a 4-source recipe; the recipe adds a fifth
+    source that this stage weighs 0. Its batches must be the ones that run drew."""
+    from mmdlm.training.mixture import LoadedSource, Mixture
+
+    captions = [{"task": "understanding", "kind": "caption", "i": i} for i in range(5)]
+    questions = [{"task": "understanding", "kind": "question", "i": i} for i in range(7)]
+    digits = [{"task": "t2i", "kind": "digit", "i": i} for i in range(3)]
+    scenes = [{"task": "t2i", "kind": "scene", "i": i} for i in range(4)]
+    run = Mixture([LoadedSource("c", captions, 1.2), LoadedSource("q", questions, 4.8),
+                   LoadedSource("d", digits, 0.4)], seed=0)
+    recipe = Mixture([LoadedSource("c", captions, 1.2), LoadedSource("q", questions, 4.8),
+                      LoadedSource("d", digits, 0.4), LoadedSource("s", scenes, 3.0)], seed=0).reweighted(
+        [1.2, 4.8, 0.4, 0.0])
+    for grouped in (False, True):
+        for step in range(50):
+            assert recipe.sample(16, 0, step, 0, 0, group_by_task=grouped) == run.sample(16, 0, step, 0, 0,
+                                                                                         group_by_task=grouped)
+    # ...while weighing it above 0 changes them
+    drawn = recipe.reweighted([1.2, 4.8, 0.4, 0.1])
+    assert any(drawn.sample(16, 0, step, 0, 0) != run.sample(16, 0, step, 0, 0) for step in range(50))
