@@ -25,6 +25,8 @@ class MMDLMConfig(PreTrainedConfig):
     Generation (MMaDA layout): image code ``c`` is token ``image_token_offset + c`` for ``c < codebook_size``;
     ``image_tokenizer_config`` is the :class:`mmdlm.vision.image_tokenizer.VQConfig` of the bundled tokenizer
     (``None`` when the model cannot draw); ``soi/eoi/t2i/mmu_token_id`` are the task tokens.
+    ``image_code_positions`` adds a learned embedding per cell of the code grid (``model.image_code_pos_embed``,
+    [grid cells, hidden_size]) to the N slots after each ``<|soi|>``: where a code sits in the image.
     """
 
     model_type = "mmdlm"
@@ -57,6 +59,7 @@ class MMDLMConfig(PreTrainedConfig):
         image_tokenizer_config: dict[str, Any] | None = None,
         image_token_offset: int | None = None,
         codebook_size: int = 0,
+        image_code_positions: bool = False,
         soi_token_id: int | None = None,
         eoi_token_id: int | None = None,
         t2i_token_id: int | None = None,
@@ -97,6 +100,9 @@ class MMDLMConfig(PreTrainedConfig):
         self.image_tokenizer_config = image_tokenizer_config
         self.image_token_offset = image_token_offset
         self.codebook_size = codebook_size
+        # RoPE gives a code its distance to other tokens, and the grid cell only as the distance to <|soi|>, which
+        # attention reads from scores, not values: a learned table puts "row 3, column 12" into the code's input.
+        self.image_code_positions = image_code_positions
         self.soi_token_id = soi_token_id
         self.eoi_token_id = eoi_token_id
         self.t2i_token_id = t2i_token_id
@@ -124,6 +130,17 @@ class MMDLMConfig(PreTrainedConfig):
                 f"image codes end at {self.image_token_offset + self.codebook_size} but vocab_size is "
                 f"{self.vocab_size}; raise vocab_size."
             )
+        if self.image_code_positions and not self.can_draw_images:
+            raise ValueError("image_code_positions needs an image tokenizer (image_tokenizer_config and codebook_size).")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Codes per image of the bundled image tokenizer (0 when the model cannot draw)."""
+        if self.image_tokenizer_config is None:
+            return 0
+        from .vision.image_tokenizer import VQConfig
+
+        return VQConfig(**self.image_tokenizer_config).grid_side ** 2
 
     @property
     def can_understand_images(self) -> bool:

@@ -201,7 +201,20 @@ class MMDLMModel(MMDLMPreTrainedModel):
             if config.image_slot_embeddings:
                 # zeros: the model reads images exactly as without it until training moves it
                 self.image_slot_embed = nn.Parameter(torch.zeros(self.vision_tower.num_patches, config.hidden_size))
+        if getattr(config, "image_code_positions", False):
+            self.add_image_code_positions()
         self.post_init()
+
+    def add_image_code_positions(self) -> None:
+        """Give the model a learned embedding per code-grid cell, zeros (so it draws as before until trained), and
+        set ``config.image_code_positions``; used by ``__init__`` and to add them to a trained model."""
+        if not self.config.can_draw_images:
+            raise ValueError("image_code_positions needs a model that draws (image_tokenizer_config and codebook_size).")
+        if getattr(self, "image_code_pos_embed", None) is None:
+            w = self.embed_tokens.weight
+            self.image_code_pos_embed = nn.Parameter(torch.zeros(self.config.num_image_tokens, w.shape[1],
+                                                                 dtype=w.dtype, device=w.device))
+        self.config.image_code_positions = True
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -240,6 +253,8 @@ class MMDLMModel(MMDLMPreTrainedModel):
         n_slots = int(slots.sum()) if slots is not None else 0
         ids = input_ids.masked_fill(slots, 0) if n_slots else input_ids
         embeds = self.embed_tokens(ids)
+        if getattr(self, "image_code_pos_embed", None) is not None:
+            embeds = embeds + self._code_position_embeds(input_ids)
         if image_features is None:
             if n_slots:
                 raise ValueError(
@@ -255,6 +270,16 @@ class MMDLMModel(MMDLMPreTrainedModel):
         embeds = embeds.clone()
         embeds[slots] = image_features.to(embeds.dtype)
         return embeds
+
+    def _code_position_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L, d]: the grid cell's embedding at the N slots after each ``<|soi|>``, zeros elsewhere. Rows are
+        whole (drawing never runs over a KV cache), so every code slot sees its ``<|soi|>``."""
+        table = self.image_code_pos_embed
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_soi = torch.where(input_ids == self.config.soi_token_id, pos, -1).cummax(dim=1).values
+        offset = pos - last_soi - 1
+        inside = (last_soi >= 0) & (offset >= 0) & (offset < table.shape[0])
+        return table[offset.clamp(0, table.shape[0] - 1)] * inside[..., None].to(table.dtype)
 
     def forward(
         self,

@@ -181,3 +181,43 @@ def test_image_slot_embeddings_add_one_learned_vector_per_slot_of_every_view(tmp
     again = AutoModel.from_pretrained(tmp_path)
     assert again.config.image_slot_embeddings
     assert torch.equal(again.model.image_slot_embed, slotted.model.image_slot_embed)
+
+
+def drawing_tiny(**kw):
+    vq = {"image_size": 8, "base_channels": 8, "channel_mult": [1, 2], "embed_dim": 4, "codebook_size": 16}
+    return tiny(image_tokenizer_config=vq, codebook_size=16, image_token_offset=60, soi_token_id=90, eoi_token_id=91,
+                **kw)
+
+
+def test_image_code_positions_add_one_learned_vector_per_grid_cell_after_each_soi(tmp_path):
+    plain, placed = drawing_tiny(), drawing_tiny(image_code_positions=True)
+    assert placed.model.image_code_pos_embed.shape == (4, 32)  # 8 px, two stride-2 levels: a 2x2 code grid
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    # text, <|soi|> 4 codes <|eoi|>, text, a second image whose codes are still masked (96), text
+    row = torch.tensor([[5, 6, 90, 60, 61, 62, 63, 91, 7, 90, 96, 96, 96, 96, 91, 8]])
+    torch.testing.assert_close(placed(input_ids=row).logits, plain(input_ids=row).logits)  # zeros at start
+    with torch.no_grad():
+        placed.model.image_code_pos_embed.normal_()
+    delta = placed.model.embed(row) - plain.model.embed(row)
+    table = placed.model.image_code_pos_embed
+    expected = torch.zeros_like(delta)
+    expected[0, 3:7] = table
+    expected[0, 10:14] = table  # each image's codes count from their own <|soi|>, masked or not
+    torch.testing.assert_close(delta, expected)
+    placed.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path)
+    assert again.config.image_code_positions
+    assert torch.equal(again.model.image_code_pos_embed, table)
+
+
+def test_image_code_positions_can_be_added_to_a_trained_model_without_changing_it():
+    model = drawing_tiny()
+    row = torch.tensor([[5, 90, 60, 96, 62, 63, 91]])
+    before = model(input_ids=row).logits
+    model.model.add_image_code_positions()
+    assert model.config.image_code_positions and model.model.image_code_pos_embed.abs().sum() == 0
+    torch.testing.assert_close(model(input_ids=row).logits, before)
+    with pytest.raises(ValueError, match="needs a model that draws"):
+        tiny().model.add_image_code_positions()
+    with pytest.raises(ValueError, match="image_code_positions needs an image tokenizer"):
+        MMDLMConfig(vocab_size=97, image_code_positions=True)

@@ -50,6 +50,7 @@ def _fresh_model(m: ModelRecipe, seed: int, tokenizer: Any, vq: Any, index: int)
         config = MMDLMConfig(
             **sizes, **fields, vision_config=vision_config, mm_projector_type=m.mm_projector_type,
             use_image_newline=m.use_image_newline, image_slot_embeddings=m.image_slot_embeddings,
+            image_code_positions=m.image_code_positions,
             image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
                                     if vq is not None else None),
         )
@@ -294,7 +295,11 @@ def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int, tower_f
     stage's output) or ``model.vision_tower_from`` when given."""
     m = ctx.recipe.model
     if m.init_from is not None:
-        return _load_model(Path(m.init_from))
+        model, processor = _load_model(Path(m.init_from))
+        if m.image_code_positions and not model.config.image_code_positions:
+            model.model.add_image_code_positions()
+            ctx.log("model.image_code_positions: added zero code-position embeddings to the loaded model")
+        return model, processor
     tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
     model, processor = _fresh_model(m, ctx.recipe.seed, tokenizer, vq, index)
     source = tower_from if tower_from is not None else m.vision_tower_from

@@ -31,7 +31,9 @@ class ModelRecipe:
     ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's.
     ``shift_logits`` reads position i's prediction from the output at i - 1 (Dream / Dimple): a causal first stage's
     next-token head then keeps its meaning after the switch to diffusion. ``image_slot_embeddings`` adds a learned
-    embedding per image slot to the projected features, so that what is read from a slot says where it is."""
+    embedding per image slot to the projected features, so that what is read from a slot says where it is.
+    ``image_code_positions`` adds a learned embedding per code-grid cell to the image-code slots of drawing rows;
+    with ``init_from`` it is added (zeros) to a loaded model that lacks it, the one size field that is not ignored."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -49,6 +51,7 @@ class ModelRecipe:
     mm_projector_type: str = "mlp2x_gelu"
     use_image_newline: bool = False
     image_slot_embeddings: bool = False
+    image_code_positions: bool = False
     image_processor: Optional[dict[str, Any]] = None
     image_tokenizer: Optional[dict[str, Any]] = None
     image_tokenizer_path: Optional[str] = None

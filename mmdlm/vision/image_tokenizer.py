@@ -55,6 +55,11 @@ class VQConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
+    @property
+    def grid_side(self) -> int:
+        """Codes per side of the (square) code grid."""
+        return self.image_size // 2 ** len(self.channel_mult)
+
 
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0), ch)
@@ -149,8 +154,7 @@ class VQImageTokenizer(nn.Module):
     # ---------------------------------------------------------------------------------------------------- geometry
     @property
     def grid_size(self) -> tuple[int, int]:
-        side = self.config.image_size // 2 ** len(self.config.channel_mult)
-        return side, side
+        return self.config.grid_side, self.config.grid_side
 
     @property
     def num_tokens(self) -> int:
