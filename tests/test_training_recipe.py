@@ -128,7 +128,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
                                   "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
                                   "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
-                                  "shapes-tiny-questions"])
+                                  "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
+                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -183,6 +184,27 @@ def test_bundled_recipes_load(name):
                                                            and "t2i" in s.tasks]
         assert [questions.source_weights[i] for i in scenes_t2i] == [0.0]  # the first stage draws no scenes...
         assert [drawing_back.source_weights[i] for i in scenes_t2i] == [3.0]  # ...the second, as shapes-tiny.yaml
+    if name == "experiments/shapes-tiny-codepos":  # the A/B: the control lacks only the code-position table
+        arm, control = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-codepos-control.yaml").to_dict()
+        assert (arm["model"].pop("image_code_positions"), control["model"].pop("image_code_positions")) == (True, False)
+        assert arm["stages"][0].pop("name") == "draw1" and control["stages"][0].pop("name") in (None, "model")
+        arm.pop("output_dir"), control.pop("output_dir")
+        assert arm == control
+    if name == "experiments/shapes-tiny-tower-tune":  # the tower trains, at a third of the denoiser's lr
+        (stage,) = r.stages
+        assert stage.freeze == [] and stage.vision_tower_lr == pytest.approx(stage.lr / 3)
+    if name == "shapes-tiny-polish":  # the questions recipe's model: drawing steps, then reading with the tower
+        draw, tower = r.to_dict()["stages"]
+        questions = load_recipe(CONFIGS / "shapes-tiny-questions.yaml")
+        assert r.model.init_from == f"{questions.output_dir}/model" and r.data.sources == questions.data.sources
+        # Its first stage is the codepos A/B's control stage: same seed, stage index, steps and source weights.
+        control = load_recipe(CONFIGS / "experiments" / "shapes-tiny-codepos-control.yaml")
+        (control_stage,) = control.to_dict()["stages"]
+        assert draw.pop("source_weights") == [s.weight for s in control.data.sources] and r.seed == control.seed
+        assert control_stage.pop("source_weights") is None
+        assert (draw.pop("name"), control_stage.pop("name")) == ("draw", "model") and draw == control_stage
+        assert [s.tasks for s in control.data.sources] == [s.tasks for s in questions.data.sources]
+        assert tower["freeze"] == [] and tower["vision_tower_lr"] < tower["lr"]
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
