@@ -193,6 +193,11 @@ def test_bundled_recipes_load(name):
     if name == "experiments/shapes-tiny-tower-tune":  # the tower trains, at a third of the denoiser's lr
         (stage,) = r.stages
         assert stage.freeze == [] and stage.vision_tower_lr == pytest.approx(stage.lr / 3)
+        tuned, control = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-tower-tune-control.yaml").to_dict()
+        assert (tuned["stages"][0].pop("freeze"), control["stages"][0].pop("freeze")) == ([], ["vision_tower"])
+        assert tuned["stages"][0].pop("vision_tower_lr") and control["stages"][0].pop("vision_tower_lr") is None
+        tuned.pop("output_dir"), control.pop("output_dir")
+        assert tuned == control  # the control arm differs only in the tower's training
     if name == "shapes-tiny-polish":  # the questions recipe's model: drawing steps, then reading with the tower
         draw, tower = r.to_dict()["stages"]
         questions = load_recipe(CONFIGS / "shapes-tiny-questions.yaml")
