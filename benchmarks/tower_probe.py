@@ -6,7 +6,7 @@ classifier of the held-out handwritten digits (trained on the 1 500 train digits
 scikit-learn's SVM on the raw 8x8 scans as a reference for how hard that split is. A denoiser reading this tower
 through its projector should not be expected to beat these numbers by much.
 
-    python benchmarks/tower_probe.py --model shapes-tiny --out benchmarks/results/tower-probe/shapes-tiny.json
+    python benchmarks/tower_probe.py --model shapes-tiny --out benchmarks/results/recipe-sweep/round8/tower-probe-shipped.json
 """
 
 from __future__ import annotations
