@@ -63,3 +63,49 @@ def test_caption_and_examples():
     assert len(digit_examples("test", tasks=("vqa",))) == 297
     with pytest.raises(ValueError, match="unknown"):
         digit_examples("test", tasks=("draw",))
+
+
+def test_augment_scan_makes_new_scans_of_the_same_digit():
+    from mmdlm.data.digits import _digits_arrays, _to_image, augment_scan
+    from mmdlm.eval.checkers import DigitClassifier
+
+    scans, labels = _digits_arrays()
+    test, y = scans[1500:], labels[1500:]
+    copies = [augment_scan(s, np.random.default_rng(i)) for i, s in enumerate(test)]
+    assert all(c.shape == (8, 8) and c.dtype == np.uint8 for c in copies)
+    # Same draws, same copy; each copy differs from its scan, keeps its darkest ink, and still resembles it.
+    assert (augment_scan(test[0], np.random.default_rng(0)) == copies[0]).all()
+    diffs = [np.abs(c.astype(int) - s).mean() for c, s in zip(copies, test)]
+    assert min(diffs) > 0.5 and np.mean(diffs) > 10
+    assert all(abs(int(c.min()) - int(s.min())) <= 1 for c, s in zip(copies, test))
+    corr = [np.corrcoef(c.ravel(), s.ravel())[0, 1] for c, s in zip(copies, test)]
+    assert 0.5 < np.median(corr) < 0.97
+    # With every range set to zero the copy is the scan again, up to the resampling's smoothing.
+    same = augment_scan(test[0], np.random.default_rng(0), max_rotate=0, scale=(1, 1), max_shear=0, max_shift=0)
+    assert np.corrcoef(same.ravel(), test[0].ravel())[0, 1] > 0.97
+    # The digit survives: a classifier trained on the real train scans recognises most copies of held-out ones.
+    assert DigitClassifier().fit().score([_to_image(c) for c in copies], y) >= 0.8
+    with pytest.raises(ValueError, match="8x8"):
+        augment_scan(np.zeros((64, 64)), np.random.default_rng(0))
+
+
+def test_augmented_examples_add_reading_copies_only():
+    plain = digit_examples("train", tasks=("vqa", "t2i"))
+    aug = digit_examples("train", tasks=("vqa", "t2i"), augment=2, seed=3)
+    labels = [y for _, y in load_digit_images("train")]
+    vqa = [e for e in aug if e["task"] != "t2i"]
+    assert len(vqa) == 3 * 1500 and len([e for e in aug if e["task"] == "t2i"]) == 1500
+    assert [e["messages"][1]["content"] for e in vqa] == [DIGIT_WORDS[y] for y in labels for _ in range(3)]
+    # Drawing keeps the real scans; each image's first reading row is the real scan, the next two are copies.
+    t2i_plain = [e["image"] for e in plain if e["task"] == "t2i"]
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b))
+               for a, b in zip([e for e in aug if e["task"] == "t2i"], t2i_plain))
+    first, copy = np.asarray(vqa[0]["images"][0]), np.asarray(vqa[1]["images"][0])
+    assert np.array_equal(first, np.asarray(t2i_plain[0])) and not np.array_equal(first, copy)
+    again = digit_examples("train", tasks=("vqa",), augment=2, seed=3)
+    other = digit_examples("train", tasks=("vqa",), augment=2, seed=4)
+    pixels = lambda ex: [np.asarray(e["images"][0]) for e in ex[:30]]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(again), pixels(vqa)))
+    assert not all(np.array_equal(a, b) for a, b in zip(pixels(other), pixels(vqa)))
+    with pytest.raises(ValueError, match="augment"):
+        digit_examples("train", augment=-1)

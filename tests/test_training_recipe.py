@@ -112,6 +112,14 @@ def test_shapes_question_types_are_checked_before_training():
         assert message.startswith("data.sources[0].question_types:") and "'position'" in message
 
 
+def test_digits_augment_is_checked_before_training():
+    ok = recipe_from_dict(_base(data={"sources": [{"type": "digits", "augment": 3, "seed": 2}]}))
+    assert (ok.data.sources[0].augment, ok.data.sources[0].seed) == (3, 2)
+    assert _error(_base(data={"sources": [{"type": "digits", "augment": -1}]})).startswith(
+        "data.sources[0].augment:")
+    assert "expected int" in _error(_base(data={"sources": [{"type": "digits", "augment": "many"}]}))
+
+
 def test_yaml_file_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sources: [{type: shapes}]\nstages:\n  - {type: denoiser, steps: many}\n")
@@ -129,7 +137,7 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
                                   "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
-                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish"])
+                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -210,6 +218,17 @@ def test_bundled_recipes_load(name):
         assert (draw.pop("name"), control_stage.pop("name")) == ("draw", "model") and draw == control_stage
         assert [s.tasks for s in control.data.sources] == [s.tasks for s in questions.data.sources]
         assert tower["freeze"] == [] and tower["vision_tower_lr"] < tower["lr"]
+    if name == "shapes-tiny-read":  # the polish recipe's model: one reading stage, augmented digits, more captions
+        (stage,) = r.stages
+        polish = load_recipe(CONFIGS / "shapes-tiny-polish.yaml")
+        assert r.model.init_from == f"{polish.output_dir}/model" and stage.freeze == []
+        digits = [s for s in r.data.sources if s.type == "digits" and "vqa" in s.tasks]
+        assert [(s.augment, s.tasks) for s in digits] == [(8, ["vqa", "caption"])]
+        (captions,) = [s for s in r.data.sources if s.tasks == ["caption"]]
+        (old_captions,) = [s for s in polish.data.sources if s.tasks == ["caption"]]
+        assert (captions.n, captions.seed) == (20000, old_captions.seed) and old_captions.n == 6000
+        drawing = sum(s.weight for s in r.data.sources if s.tasks == ["t2i"])
+        assert 0.15 < drawing / sum(s.weight for s in r.data.sources) < 0.25
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":

@@ -1,6 +1,7 @@
 """Handwritten digits: scikit-learn's bundled 8x8 scans (UCI optdigits, 1797 images), upscaled to 64x64 RGB.
 
-Images 0-1499 are the "train" split and 1500-1796 the "test" split; no download is needed.
+Images 0-1499 are the "train" split and 1500-1796 the "test" split; no download is needed. ``augment_scan`` makes
+new scans of the same digit (small rotation, scale, shear and shift) for training.
 """
 
 from __future__ import annotations
@@ -37,6 +38,38 @@ def _to_image(scan: np.ndarray) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
+def augment_scan(scan: np.ndarray, rng: np.random.Generator, *, max_rotate: float = 12.0,
+                 scale: tuple[float, float] = (0.88, 1.05), max_shear: float = 0.15,
+                 max_shift: float = 0.6) -> np.ndarray:
+    """A new 8x8 scan of the digit in ``scan`` (uint8 paper values, 255 = white): the scan upscaled 8x, moved by a
+    random affine map (rotation in degrees, scale, shear, shift in scan pixels), then block-averaged back to 8x8.
+
+    Working on the scan rather than on the 64-px image keeps augmented images in the test images' form (a bicubic
+    upscale of an 8x8 grid aligned with the image), so the reader does not learn a difference between the two.
+    """
+    if scan.shape != (8, 8):
+        raise ValueError(f"expected an 8x8 scan, got shape {scan.shape}")
+    up = 8
+    hi = Image.fromarray(scan.astype(np.float32)).resize((8 * up, 8 * up), Image.Resampling.BICUBIC)
+    angle = np.deg2rad(rng.uniform(-max_rotate, max_rotate))
+    s = rng.uniform(*scale)
+    shear = rng.uniform(-max_shear, max_shear)
+    shift = rng.uniform(-max_shift, max_shift, size=2) * up
+    # Forward map about the centre: x' = c + A (x - c) + t, with A = s * R(angle) @ [[1, shear], [0, 1]].
+    cos, sin = np.cos(angle), np.sin(angle)
+    a = s * np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    c = np.array([4.0 * up, 4.0 * up])
+    inv = np.linalg.inv(a)  # PIL wants the map from output to input pixels
+    offset = c - inv @ (c + shift)
+    coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
+    moved = hi.transform(hi.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR,
+                         fillcolor=255.0)
+    ink = 255.0 - np.asarray(moved, dtype=np.float32).reshape(8, up, 8, up).mean(axis=(1, 3))
+    # Averaging blurs strokes lighter; restore the scan's darkest ink so the copy is not a fainter digit.
+    ink *= (255.0 - float(scan.min())) / max(float(ink.max()), 1.0)
+    return np.clip(np.round(255.0 - ink), 0, 255).astype(np.uint8)
+
+
 def load_digit_images(split: str) -> list[tuple[Image.Image, int]]:
     """(64x64 RGB image, label 0-9) pairs of the "train" (1500) or "test" (297) split."""
     if split not in DIGIT_SPLITS:
@@ -53,18 +86,33 @@ def digit_caption(label: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
 
 
-def digit_examples(split: str, tasks: Sequence[str] = DIGIT_TASKS) -> list[dict]:
+def digit_examples(split: str, tasks: Sequence[str] = DIGIT_TASKS, *, augment: int = 0,
+                   seed: int = 0) -> list[dict]:
     """Training examples for every image of a split: a VQA example (qtype "digit", answer the digit's word),
-    a caption example (qtype "caption") and a t2i example, as `tasks` selects."""
+    a caption example (qtype "caption") and a t2i example, as `tasks` selects.
+
+    ``augment`` > 0 adds that many :func:`augment_scan` copies of each image to the reading examples (VQA and
+    caption; drawing keeps the real scans), drawn deterministically from ``seed``.
+    """
     unknown = set(tasks) - set(DIGIT_TASKS)
     if unknown:
         raise ValueError(f"unknown digit tasks {sorted(unknown)}; use any of {DIGIT_TASKS}")
+    if not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment must be a whole number >= 0 (copies per image), got {augment!r}")
+    if split not in DIGIT_SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; use one of {tuple(DIGIT_SPLITS)}")
+    scans, labels = _digits_arrays()
+    rng = np.random.default_rng(seed)
     examples = []
-    for image, label in load_digit_images(split):
-        if "vqa" in tasks:
-            examples.append(understanding_example(image, DIGIT_QUESTION, DIGIT_WORDS[label], "digit"))
-        if "caption" in tasks:
-            examples.append(understanding_example(image, CAPTION_PROMPT, digit_caption(label), "caption"))
+    for scan, label in zip(scans[DIGIT_SPLITS[split]], labels[DIGIT_SPLITS[split]]):
+        label = int(label)
+        image = _to_image(scan)
+        reads = [image] + [_to_image(augment_scan(scan, rng)) for _ in range(augment)]
+        for read in reads:
+            if "vqa" in tasks:
+                examples.append(understanding_example(read, DIGIT_QUESTION, DIGIT_WORDS[label], "digit"))
+            if "caption" in tasks:
+                examples.append(understanding_example(read, CAPTION_PROMPT, digit_caption(label), "caption"))
         if "t2i" in tasks:
             examples.append({"task": "t2i", "prompt": digit_caption(label), "image": image})
     return examples

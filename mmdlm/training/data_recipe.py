@@ -30,6 +30,8 @@ class DigitsSource:
     type: Literal["digits"] = "digits"
     split: str = "train"
     tasks: list[str] = field(default_factory=lambda: ["vqa", "caption", "t2i"])
+    augment: int = 0  # extra re-scanned copies (rotated, scaled, sheared, shifted) per image for reading rows
+    seed: int = 0  # draws of the augmented copies
     weight: float = 1.0
 
 
@@ -103,6 +105,8 @@ def check_source(src: Any, path: str) -> None:
     required = {"llava_json": "path", "imagefolder": "dir", "table": "path", "text": "path"}.get(src.type)
     if required and not getattr(src, required):
         raise RecipeError(f"{path}.{required}: required for a {src.type!r} source")
+    if isinstance(src, DigitsSource) and src.augment < 0:
+        raise RecipeError(f"{path}.augment: got {src.augment}; use 0 (no copies) or more copies per image")
     if isinstance(src, ShapesSource):
         check_positive(src.n, f"{path}.n")
         if src.question_types is not None and (not src.question_types
