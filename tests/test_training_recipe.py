@@ -137,7 +137,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
                                   "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
-                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read"])
+                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
+                                  "experiments/shapes-tiny-read-control"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -229,6 +230,11 @@ def test_bundled_recipes_load(name):
         assert (captions.n, captions.seed) == (20000, old_captions.seed) and old_captions.n == 6000
         drawing = sum(s.weight for s in r.data.sources if s.tasks == ["t2i"])
         assert 0.15 < drawing / sum(s.weight for s in r.data.sources) < 0.25
+    if name == "experiments/shapes-tiny-read-control":  # differs from shapes-tiny-read only in the digit copies
+        control, read = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny-read.yaml").to_dict()
+        assert (control["data"]["sources"][2].pop("augment"), read["data"]["sources"][2].pop("augment")) == (0, 8)
+        control.pop("output_dir"), read.pop("output_dir")
+        assert control == read
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
