@@ -138,7 +138,8 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
-                                  "experiments/shapes-tiny-read-control"])
+                                  "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
+                                  "shapes-tiny-digits"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -235,6 +236,18 @@ def test_bundled_recipes_load(name):
         assert (control["data"]["sources"][2].pop("augment"), read["data"]["sources"][2].pop("augment")) == (0, 8)
         control.pop("output_dir"), read.pop("output_dir")
         assert control == read
+    if name == "shapes-tiny-digits":  # the read model: the digits experiment's stage, then the same at half the lr
+        first, second = r.to_dict()["stages"]
+        read = load_recipe(CONFIGS / "shapes-tiny-read.yaml")
+        experiment = load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits.yaml")
+        assert r.model.init_from == f"{read.output_dir}/model" == experiment.model.init_from
+        assert r.data == read.data == experiment.data and r.seed == experiment.seed
+        (experiment_stage,) = experiment.to_dict()["stages"]
+        assert (first.pop("name"), experiment_stage.pop("name")) == ("digits1", "model") and first == experiment_stage
+        digits = [i for i, s in enumerate(r.data.sources) if s.type == "digits" and "vqa" in s.tasks]
+        assert [first["source_weights"][i] / sum(first["source_weights"]) for i in digits] == [pytest.approx(3 / 6.3)]
+        assert second["source_weights"] == first["source_weights"]
+        assert (second["lr"], second["vision_tower_lr"]) == (first["lr"] / 2, first["vision_tower_lr"] / 2)
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
