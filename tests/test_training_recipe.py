@@ -139,7 +139,7 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
-                                  "shapes-tiny-digits"])
+                                  "experiments/shapes-tiny-digits"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -236,7 +236,7 @@ def test_bundled_recipes_load(name):
         assert (control["data"]["sources"][2].pop("augment"), read["data"]["sources"][2].pop("augment")) == (0, 8)
         control.pop("output_dir"), read.pop("output_dir")
         assert control == read
-    if name == "shapes-tiny-digits":  # the read model: the digits experiment's stage, then the same at half the lr
+    if name == "experiments/shapes-tiny-digits":  # the read-digits experiment's stage, then the same at half the lr
         first, second = r.to_dict()["stages"]
         read = load_recipe(CONFIGS / "shapes-tiny-read.yaml")
         experiment = load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits.yaml")
