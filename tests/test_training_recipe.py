@@ -139,7 +139,7 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
-                                  "experiments/shapes-tiny-digits"])
+                                  "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
@@ -248,6 +248,14 @@ def test_bundled_recipes_load(name):
         assert [first["source_weights"][i] / sum(first["source_weights"]) for i in digits] == [pytest.approx(3 / 6.3)]
         assert second["source_weights"] == first["source_weights"]
         assert (second["lr"], second["vision_tower_lr"]) == (first["lr"] / 2, first["vision_tower_lr"] / 2)
+    if name == "experiments/shapes-tiny-read-draw":  # the polish recipe's drawing stage, longer, on the read model
+        (stage,) = r.to_dict()["stages"]
+        polish_draw = load_recipe(CONFIGS / "shapes-tiny-polish.yaml").to_dict()["stages"][0]
+        read = load_recipe(CONFIGS / "shapes-tiny-read.yaml")
+        assert r.model.init_from == f"{read.output_dir}/model" and r.data == read.data
+        assert (stage.pop("steps"), polish_draw.pop("steps")) == (800, 300)
+        stage.pop("eval_every"), polish_draw.pop("eval_every")
+        assert stage == polish_draw
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
