@@ -70,13 +70,18 @@ def augment_scan(scan: np.ndarray, rng: np.random.Generator, *, max_rotate: floa
     return np.clip(np.round(255.0 - ink), 0, 255).astype(np.uint8)
 
 
-def load_digit_images(split: str) -> list[tuple[Image.Image, int]]:
-    """(64x64 RGB image, label 0-9) pairs of the "train" (1500) or "test" (297) split."""
+def _split_scans(split: str) -> list[tuple[np.ndarray, int]]:
+    """(8x8 scan, label) pairs of a split."""
     if split not in DIGIT_SPLITS:
         raise ValueError(f"unknown digits split {split!r}; use one of {tuple(DIGIT_SPLITS)}")
     scans, labels = _digits_arrays()
     sel = DIGIT_SPLITS[split]
-    return [(_to_image(s), int(y)) for s, y in zip(scans[sel], labels[sel])]
+    return [(s, int(y)) for s, y in zip(scans[sel], labels[sel])]
+
+
+def load_digit_images(split: str) -> list[tuple[Image.Image, int]]:
+    """(64x64 RGB image, label 0-9) pairs of the "train" (1500) or "test" (297) split."""
+    return [(_to_image(s), y) for s, y in _split_scans(split)]
 
 
 def digit_caption(label: int) -> str:
@@ -99,13 +104,9 @@ def digit_examples(split: str, tasks: Sequence[str] = DIGIT_TASKS, *, augment: i
         raise ValueError(f"unknown digit tasks {sorted(unknown)}; use any of {DIGIT_TASKS}")
     if not isinstance(augment, int) or augment < 0:
         raise ValueError(f"augment must be a whole number >= 0 (copies per image), got {augment!r}")
-    if split not in DIGIT_SPLITS:
-        raise ValueError(f"unknown digits split {split!r}; use one of {tuple(DIGIT_SPLITS)}")
-    scans, labels = _digits_arrays()
     rng = np.random.default_rng(seed)
     examples = []
-    for scan, label in zip(scans[DIGIT_SPLITS[split]], labels[DIGIT_SPLITS[split]]):
-        label = int(label)
+    for scan, label in _split_scans(split):
         image = _to_image(scan)
         reads = [image] + [_to_image(augment_scan(scan, rng)) for _ in range(augment)]
         for read in reads:
