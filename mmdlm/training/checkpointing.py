@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 STEP_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
@@ -165,20 +166,26 @@ def save_checkpoint(
     scheduler_state: Optional[dict[str, Any]] = None,
     state: Optional[dict[str, Any]] = None,
     keep: int = 1,
+    ema_state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write checkpoint ``step`` into ``folder`` atomically and then prune to the newest ``keep`` ones.
 
     ``state`` is JSON metadata (stage, recipe fingerprint, metrics); the step and the RNG states are added here.
+    ``ema_state`` (moving averages of the parameters, :class:`mmdlm.training.ema.ParameterEMA`) goes to
+    ``ema.safetensors``.
     The previous checkpoint is deleted only after the new one has been renamed into place.
     """
     folder = Path(folder)
     remove_leftovers(folder)
     # Clone so tied weights (lm_head = embed_tokens) do not make safetensors refuse shared storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+    ema = {k: v.detach().to("cpu").contiguous().clone() for k, v in ema_state.items()} if ema_state else None
     meta = {**(state or {}), "step": int(step), "time": time.time()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if ema is not None:
+            save_file(ema, str(tmp / EMA_FILE), metadata={"format": "pt"})
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         if scheduler_state is not None:
@@ -223,7 +230,7 @@ def check_compatible(path: str | os.PathLike, model_shapes: dict[str, tuple[int,
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint: ``{"model", "optimizer", "scheduler", "rng", "state"}`` (absent parts are None).
+    """Read a checkpoint: ``{"model", "optimizer", "scheduler", "rng", "state", "ema"}`` (absent parts are None).
 
     Everything but the safetensors model is read with ``torch.load(weights_only=True)``.
     """
@@ -241,4 +248,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         "scheduler": _load("scheduler.pt"),
         "rng": _load("rng_state.pt"),
         "state": json.loads((path / STATE_FILE).read_text(encoding="utf-8")),
+        "ema": load_file(str(path / EMA_FILE), device=str(map_location)) if (path / EMA_FILE).is_file() else None,
     }

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from .checkpointing import atomic_directory
 from .collators import TASK_IDS, MultiTaskCollator, precompute_image_codes
 from .mixture import Mixture
 from .recipe import DenoiserStage, ModelRecipe
@@ -251,17 +252,25 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
 
     if not trainer.fit(batch_fn, loss_fn, eval_fn if eval_batches else None, stop_after=ctx.stop_after):
         raise StageStopped(stage.name)
-    state_dict = acc.get_state_dict(trainer.model)
     final = acc.unwrap_model(trainer.model)
     overrides = ctx.recipe.model.generation if generation_overrides is None else generation_overrides
     generation = _generation_config(final, overrides or {})
 
-    def write(tmp: Path) -> None:
-        final.save_pretrained(str(tmp), state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        generation.save_pretrained(str(tmp))
+    def writer(state_dict: dict) -> Any:
+        def write(tmp: Path) -> None:
+            final.save_pretrained(str(tmp), state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            generation.save_pretrained(str(tmp))
+        return write
 
-    ctx.finish(stage, out, write)
+    if trainer.ema is not None:
+        if stage.ema_save_raw:
+            raw = {k: v.detach().clone() for k, v in acc.get_state_dict(trainer.model).items()}
+            if ctx.main:
+                atomic_directory(ctx.output_dir / f"{stage.name}-raw", writer(raw))
+        trainer.ema.copy_to(final)
+        ctx.log(f"stage {stage.name!r}: saving the moving average of the weights (ema_decay {stage.ema_decay})")
+    ctx.finish(stage, out, writer(acc.get_state_dict(trainer.model)))
     return out
 
 

@@ -119,7 +119,10 @@ class DenoiserStage:
     source out of the stage, as LLaVA trains its stages on different data); ``None`` keeps the sources' weights.
     ``is_causal`` overrides the model's attention for this stage and the model it saves: ``true`` with
     ``loss: {objective: ar}`` for a next-token first stage, then a bidirectional diffusion stage continues from it
-    (AR-to-diffusion adaptation, as Dream-7B starts from an AR model)."""
+    (AR-to-diffusion adaptation, as Dream-7B starts from an AR model). ``ema_decay`` keeps an exponential moving
+    average of the trainable parameters (MDLM: 0.9999 over a long run; the decay ramps up over the first steps)
+    and saves the averaged weights as the stage's model; ``ema_save_raw`` also writes the final weights without
+    averaging to ``<stage name>-raw`` beside it, to compare the two."""
 
     type: Literal["denoiser"] = "denoiser"
     name: Optional[str] = None
@@ -144,6 +147,8 @@ class DenoiserStage:
     tasks: Optional[list[str]] = None
     source_weights: Optional[list[float]] = None
     is_causal: Optional[bool] = None
+    ema_decay: Optional[float] = None
+    ema_save_raw: bool = False
     bf16: bool = True
     bf16_cpu: bool = False
     log_every: int = 10
@@ -239,6 +244,10 @@ def _check_stage(stage: Any, path: str) -> None:
             check_positive(stage.vision_tower_lr, f"{path}.vision_tower_lr", allow_zero=True)
         if len(stage.betas) != 2 or not all(0.0 <= b < 1.0 for b in stage.betas):
             raise RecipeError(f"{path}.betas: expected two values in [0, 1), got {stage.betas}")
+        if stage.ema_decay is not None and not 0.0 < stage.ema_decay < 1.0:
+            raise RecipeError(f"{path}.ema_decay: must be in (0, 1) (e.g. 0.999), got {stage.ema_decay}")
+        if stage.ema_save_raw and stage.ema_decay is None:
+            raise RecipeError(f"{path}.ema_save_raw: needs ema_decay (without it the stage's model is the raw one)")
         for task, w in stage.task_weights.items():
             if task not in TASKS:
                 raise RecipeError(f"{path}.task_weights.{task}: unknown task; use any of {list(TASKS)}")

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpointing import check_compatible, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .ema import ParameterEMA
 from .plots import MetricsLog
 
 BatchFn = Callable[[int, int], dict]  # (step, micro) -> batch on CPU
@@ -98,7 +99,8 @@ class StageTrainer:
 
     Randomness is derived from (seed, stage_index, step, micro, rank) for every micro-step — the batch drawn by
     ``batch_fn`` and the noise generator handed to ``loss_fn`` — so an interrupted-then-resumed run repeats
-    exactly the data and noise of an uninterrupted one.
+    exactly the data and noise of an uninterrupted one. A stage with ``ema_decay`` also keeps a moving average of
+    the trainable parameters (``self.ema``), saved in every checkpoint.
     """
 
     def __init__(
@@ -138,6 +140,14 @@ class StageTrainer:
         )
         self.params = [p for g in param_groups for p in g["params"]]
         self.start_step = 0
+        self.ema: Optional[ParameterEMA] = None
+        if getattr(stage, "ema_decay", None) is not None:
+            if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+                raise ValueError(
+                    f"{stage.name}: ema_decay is not supported with FSDP or DeepSpeed (the averages would have to "
+                    "be sharded like the parameters); train this stage with DDP or one process, or drop ema_decay"
+                )
+            self.ema = ParameterEMA(model, stage.ema_decay)
 
     # ------------------------------------------------------------------------------------------------ resume
 
@@ -156,6 +166,13 @@ class StageTrainer:
                 f"{self.stage.name!r}; use the recipe that wrote it, or a fresh --output directory"
             )
         self.raw_model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if ckpt["ema"] is None:
+                raise ValueError(
+                    f"cannot resume from {path}: stage {self.stage.name!r} sets ema_decay but the checkpoint holds "
+                    "no moving averages (it was written without ema_decay); resume with the recipe that wrote it"
+                )
+            self.ema.load_state_dict(ckpt["ema"])
         if ckpt["optimizer"] is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scheduler"] is not None:
@@ -173,7 +190,8 @@ class StageTrainer:
             state = {"stage": self.stage.name, "stage_index": self.index, "world_size": self.acc.num_processes,
                      "fingerprint": self.fingerprint, **(extra or {})}
             path = save_checkpoint(self.checkpoint_dir, step, model_state, self.optimizer.state_dict(),
-                                   self.scheduler.state_dict(), state, keep=self.stage.keep_checkpoints)
+                                   self.scheduler.state_dict(), state, keep=self.stage.keep_checkpoints,
+                                   ema_state=self.ema.state_dict() if self.ema is not None else None)
             if self.on_save is not None:
                 self.on_save()
         self.acc.wait_for_everyone()
@@ -289,6 +307,8 @@ class StageTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(step)
                 step += 1
                 if math.isfinite(norm):
                     totals["grad_norm"] = norm
