@@ -130,6 +130,11 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
+def base_dir(name: str) -> str:
+    """The output folder of round 9's read-digits / read-draw runs."""
+    return "runs/shapes-tiny-" + name.split("shapes-tiny-")[1].removesuffix("-ema")
+
+
 @pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
                                   "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
                                   "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
@@ -139,9 +144,18 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
                                   "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
-                                  "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw"])
+                                  "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
+                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-draw-ema"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
+    if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
+        arm, base = r.to_dict(), load_recipe(CONFIGS / f"{name.removesuffix('-ema')}.yaml").to_dict()
+        assert (arm.pop("output_dir"), base.pop("output_dir")) == (f"{base_dir(name)}-ema", base_dir(name))
+        (stage,) = arm["stages"]
+        assert (stage.pop("ema_decay"), stage.pop("ema_save_raw")) == (0.995, True)
+        assert base["stages"][0]["ema_decay"] is None
+        base["stages"][0].pop("ema_decay"), base["stages"][0].pop("ema_save_raw")
+        assert arm == base
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
         shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
         assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
