@@ -89,6 +89,29 @@ def test_augment_scan_makes_new_scans_of_the_same_digit():
         augment_scan(np.zeros((64, 64)), np.random.default_rng(0))
 
 
+def test_stroke_augmentation_changes_the_pen_only_when_asked():
+    from mmdlm.data.digits import _digits_arrays, augment_scan
+
+    scans, _ = _digits_arrays()
+    still = dict(max_rotate=0, scale=(1, 1), max_shear=0, max_shift=0)
+    ink = lambda scan: float((255 - scan.astype(int)).sum())  # noqa: E731
+    for scan in scans[1500:1520]:
+        # (0, 0) draws nothing, so recipes without it make the same copies as before it existed
+        assert (augment_scan(scan, np.random.default_rng(1)) ==
+                augment_scan(scan, np.random.default_rng(1), stroke=(0, 0))).all()
+        plain = augment_scan(scan, np.random.default_rng(0), **still)
+        thick = augment_scan(scan, np.random.default_rng(0), stroke=(4, 4), **still)
+        thin = augment_scan(scan, np.random.default_rng(0), stroke=(-2, -2), **still)
+        assert ink(thin) < ink(plain) < ink(thick)
+        assert abs(int(thick.min()) - int(scan.min())) <= 1  # wider strokes, not darker ones
+    with pytest.raises(ValueError, match="lo <= hi"):
+        augment_scan(scans[0], np.random.default_rng(0), stroke=(3, 1))
+    a = digit_examples("train", tasks=("vqa",), augment=1, seed=3, stroke=(2, 4))
+    b = digit_examples("train", tasks=("vqa",), augment=1, seed=3)
+    assert np.array_equal(np.asarray(a[0]["images"][0]), np.asarray(b[0]["images"][0]))  # the real scan
+    assert ink(np.asarray(a[1]["images"][0])) > ink(np.asarray(b[1]["images"][0]))
+
+
 def test_augmented_examples_add_reading_copies_only():
     plain = digit_examples("train", tasks=("vqa", "t2i"))
     aug = digit_examples("train", tasks=("vqa", "t2i"), augment=2, seed=3)

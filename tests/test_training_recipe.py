@@ -118,6 +118,12 @@ def test_digits_augment_is_checked_before_training():
     assert _error(_base(data={"sources": [{"type": "digits", "augment": -1}]})).startswith(
         "data.sources[0].augment:")
     assert "expected int" in _error(_base(data={"sources": [{"type": "digits", "augment": "many"}]}))
+    ok = recipe_from_dict(_base(data={"sources": [{"type": "digits", "augment": 2, "augment_stroke": [-2, 4]}]}))
+    assert ok.data.sources[0].augment_stroke == [-2, 4]
+    for bad in ([4, -2], [0, 9], [1]):
+        message = _error(_base(data={"sources": [{"type": "digits", "augment": 2, "augment_stroke": bad}]}))
+        assert message.startswith("data.sources[0].augment_stroke:") and "-8 <= lo <= hi <= 8" in message
+    assert "needs augment > 0" in _error(_base(data={"sources": [{"type": "digits", "augment_stroke": [0, 2]}]}))
 
 
 def test_yaml_file_errors_name_the_file_and_key(tmp_path):
@@ -131,7 +137,7 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
 
 def base_dir(name: str) -> str:
-    """The output folder of round 9's read-digits / read-draw runs."""
+    """The output folder of the round-9 run that an -ema recipe repeats."""
     return "runs/shapes-tiny-" + name.split("shapes-tiny-")[1].removesuffix("-ema")
 
 
@@ -145,9 +151,16 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
                                   "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
-                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-draw-ema"])
+                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
+    if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
+        arm, shipped = r.to_dict(), load_recipe(CONFIGS / "shapes-tiny-read.yaml").to_dict()
+        assert (arm.pop("output_dir"), shipped.pop("output_dir")) == ("runs/shapes-tiny-read-stroke",
+                                                                       "runs/shapes-tiny-read")
+        assert [s.pop("augment_stroke") for s in arm["data"]["sources"] if s["type"] == "digits"] == [[-2, 4], [0, 0]]
+        assert [s.pop("augment_stroke") for s in shipped["data"]["sources"] if s["type"] == "digits"] == [[0, 0]] * 2
+        assert arm == shipped
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
         arm, base = r.to_dict(), load_recipe(CONFIGS / f"{name.removesuffix('-ema')}.yaml").to_dict()
         assert (arm.pop("output_dir"), base.pop("output_dir")) == (f"{base_dir(name)}-ema", base_dir(name))

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .shapes import CAPTION_PROMPT, IMAGE_SIZE, understanding_example
 
@@ -40,9 +40,12 @@ def _to_image(scan: np.ndarray) -> Image.Image:
 
 def augment_scan(scan: np.ndarray, rng: np.random.Generator, *, max_rotate: float = 12.0,
                  scale: tuple[float, float] = (0.88, 1.05), max_shear: float = 0.15,
-                 max_shift: float = 0.6) -> np.ndarray:
+                 max_shift: float = 0.6, stroke: tuple[int, int] = (0, 0)) -> np.ndarray:
     """A new 8x8 scan of the digit in ``scan`` (uint8 paper values, 255 = white): the scan upscaled 8x, moved by a
     random affine map (rotation in degrees, scale, shear, shift in scan pixels), then block-averaged back to 8x8.
+    ``stroke`` = (lo, hi) also moves the ink's edges outwards by a whole number of upscaled pixels drawn from
+    [lo, hi] (eighths of a scan pixel; negative thins the strokes), as another pen would; (0, 0) draws nothing,
+    so copies made without it stay the same.
 
     Working on the scan rather than on the 64-px image keeps augmented images in the test images' form (a bicubic
     upscale of an 8x8 grid aligned with the image), so the reader does not learn a difference between the two.
@@ -64,6 +67,14 @@ def augment_scan(scan: np.ndarray, rng: np.random.Generator, *, max_rotate: floa
     coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
     moved = hi.transform(hi.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR,
                          fillcolor=255.0)
+    lo, high = stroke
+    if lo > high:
+        raise ValueError(f"stroke must be (lo, hi) with lo <= hi, got {stroke}")
+    if (lo, high) != (0, 0):
+        r = int(rng.integers(lo, high + 1))
+        if r:  # ink is dark: a min filter widens it, a max filter narrows it
+            size = 2 * abs(r) + 1
+            moved = moved.filter(ImageFilter.MinFilter(size) if r > 0 else ImageFilter.MaxFilter(size))
     ink = 255.0 - np.asarray(moved, dtype=np.float32).reshape(8, up, 8, up).mean(axis=(1, 3))
     # Averaging blurs strokes lighter; restore the scan's darkest ink so the copy is not a fainter digit.
     ink *= (255.0 - float(scan.min())) / max(float(ink.max()), 1.0)
@@ -92,12 +103,13 @@ def digit_caption(label: int) -> str:
 
 
 def digit_examples(split: str, tasks: Sequence[str] = DIGIT_TASKS, *, augment: int = 0,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, stroke: tuple[int, int] = (0, 0)) -> list[dict]:
     """Training examples for every image of a split: a VQA example (qtype "digit", answer the digit's word),
     a caption example (qtype "caption") and a t2i example, as `tasks` selects.
 
     ``augment`` > 0 adds that many :func:`augment_scan` copies of each image to the reading examples (VQA and
-    caption; drawing keeps the real scans), drawn deterministically from ``seed``.
+    caption; drawing keeps the real scans), drawn deterministically from ``seed``, with ``stroke`` as in
+    :func:`augment_scan`.
     """
     unknown = set(tasks) - set(DIGIT_TASKS)
     if unknown:
@@ -108,7 +120,7 @@ def digit_examples(split: str, tasks: Sequence[str] = DIGIT_TASKS, *, augment: i
     examples = []
     for scan, label in _split_scans(split):
         image = _to_image(scan)
-        reads = [image] + [_to_image(augment_scan(scan, rng)) for _ in range(augment)]
+        reads = [image] + [_to_image(augment_scan(scan, rng, stroke=stroke)) for _ in range(augment)]
         for read in reads:
             if "vqa" in tasks:
                 examples.append(understanding_example(read, DIGIT_QUESTION, DIGIT_WORDS[label], "digit"))

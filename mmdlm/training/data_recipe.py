@@ -32,6 +32,8 @@ class DigitsSource:
     tasks: list[str] = field(default_factory=lambda: ["vqa", "caption", "t2i"])
     augment: int = 0  # extra re-scanned copies (rotated, scaled, sheared, shifted) per image for reading rows
     seed: int = 0  # draws of the augmented copies
+    # the copies' strokes move outwards by [lo, hi] eighths of a scan pixel (negative: thinner); [0, 0] = unchanged
+    augment_stroke: list[int] = field(default_factory=lambda: [0, 0])
     weight: float = 1.0
 
 
@@ -107,6 +109,13 @@ def check_source(src: Any, path: str) -> None:
         raise RecipeError(f"{path}.{required}: required for a {src.type!r} source")
     if isinstance(src, DigitsSource) and src.augment < 0:
         raise RecipeError(f"{path}.augment: got {src.augment}; use 0 (no copies) or more copies per image")
+    if isinstance(src, DigitsSource):
+        lo_hi = src.augment_stroke
+        if len(lo_hi) != 2 or not -8 <= lo_hi[0] <= lo_hi[1] <= 8:
+            raise RecipeError(f"{path}.augment_stroke: got {lo_hi}; use [lo, hi] with -8 <= lo <= hi <= 8 (eighths "
+                              "of a scan pixel that the strokes of augmented copies move outwards)")
+        if lo_hi != [0, 0] and src.augment == 0:
+            raise RecipeError(f"{path}.augment_stroke: needs augment > 0 (it changes the augmented copies only)")
     if isinstance(src, ShapesSource):
         check_positive(src.n, f"{path}.n")
         if src.question_types is not None and (not src.question_types

@@ -65,7 +65,8 @@ def load_source(src: Any, on_missing: str = "error") -> tuple[list[dict], list[s
     if src.type == "digits":
         from ..data.digits import digit_examples
 
-        return digit_examples(src.split, tasks=tuple(src.tasks), augment=src.augment, seed=src.seed), []
+        return digit_examples(src.split, tasks=tuple(src.tasks), augment=src.augment, seed=src.seed,
+                              stroke=tuple(src.augment_stroke)), []
     if src.type == "llava_json":
         from ..data.loaders import load_llava_json
 
