@@ -10,24 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmdlm.data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_examples, load_digit_images
+from mmdlm.data.digits import DIGIT_WORDS, digit_examples, load_digit_images
 from mmdlm.data.shapes import CAPTION_PROMPT, ShapesWorld
-from mmdlm.eval.checkers import DigitClassifier, normalize_answer
+from mmdlm.eval.checkers import DigitClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digit_errors import wrong_digits  # noqa: E402
 
 TEST_CAPTION_SEED = 1234  # other scenes than the `mmdlm eval` report's
 
 
 def digit_accuracy(pipe: Any, pairs: Sequence[tuple[Any, int]], batch_size: int = 50) -> float:
     """Share of (image, label) pairs whose answer to "what digit is this?" is the label's word."""
-    right = 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        answers = pipe.answer([img for img, _ in chunk], [DIGIT_QUESTION] * len(chunk))
-        right += sum(normalize_answer(a) == DIGIT_WORDS[y] for (_, y), a in zip(chunk, answers))
-    return right / len(pairs)
+    return 1 - len(wrong_digits(pipe, pairs, batch_size)) / len(pairs)
 
 
 def caption_exact_match(pipe: Any, samples: Sequence[Any], batch_size: int = 50) -> float:
