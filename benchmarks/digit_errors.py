@@ -11,7 +11,7 @@ evaluation (``mmdlm eval --splits digits --n 297`` is that).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +19,9 @@ from PIL import Image, ImageDraw
 
 from mmdlm.data.digits import DIGIT_QUESTION, DIGIT_WORDS, load_digit_images
 from mmdlm.eval.checkers import DigitClassifier, normalize_answer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from json_report import print_and_save  # noqa: E402
 
 
 def wrong_digits(pipe: Any, pairs: Sequence[tuple[Image.Image, int]], batch_size: int = 50) -> list[dict[str, Any]]:
@@ -65,10 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.png and name == args.models[0]:
             Path(args.png).parent.mkdir(parents=True, exist_ok=True)
             error_grid(pairs, wrong).save(args.png)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print_and_save(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

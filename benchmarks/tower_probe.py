@@ -12,7 +12,6 @@ through its projector should not be expected to beat these numbers by much.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import mmdlm
 from mmdlm.data.digits import load_digit_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from json_report import print_and_save  # noqa: E402
 from slot_reader_probe import encode_scenes, slot_probe  # noqa: E402
 
 
@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                        encode_scenes(args.model, "test", args.test_scenes))
     result = {"model": args.model, "slot_probe": slots, "digit_linear_probe": digit_probe(args.model),
               "digit_raw_pixel_svm": raw_pixel_svm()}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

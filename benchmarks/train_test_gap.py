@@ -8,7 +8,6 @@ digit classifier of ``mmdlm eval``. A diagnostic of memorisation, not an evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from mmdlm.eval.checkers import DigitClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digit_errors import wrong_digits  # noqa: E402
+from json_report import print_and_save  # noqa: E402
 
 TEST_CAPTION_SEED = 1234  # other scenes than the `mmdlm eval` report's
 
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"model": args.model, "n": args.n, **measure(mmdlm.load(args.model), args.n)}
     if args.rescanned:
         result["digit_classifier"] = rescanned_recognisability()
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

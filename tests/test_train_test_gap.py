@@ -1,6 +1,8 @@
-"""benchmarks/train_test_gap.py: its scores count right answers and exact captions, and nothing else."""
+"""benchmarks/train_test_gap.py and digit_errors.py: their scores count right answers and exact captions, and
+nothing else; the error list holds exactly the wrong answers."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 from mmdlm.data.digits import DIGIT_WORDS, load_digit_images
@@ -10,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_test_gap", ROOT / "benchmarks" / "train_test_gap.py")
 gap = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gap)
+_spec = importlib.util.spec_from_file_location("digit_errors", ROOT / "benchmarks" / "digit_errors.py")
+errors = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(errors)
 
 
 class _LookupPipe:
@@ -37,3 +42,20 @@ def test_caption_exact_match_needs_the_whole_caption():
     half = _LookupPipe({s.image.tobytes(): s.caption if i % 2 else s.caption.rstrip(".")
                         for i, s in enumerate(samples)})
     assert gap.caption_exact_match(half, samples, batch_size=5) == 0.5
+
+
+def test_wrong_digits_lists_the_wrong_answers_only():
+    pairs = load_digit_images("test")[:40]
+    oracle = _LookupPipe({img.tobytes(): DIGIT_WORDS[y] for img, y in pairs})
+    assert errors.wrong_digits(oracle, pairs, batch_size=16) == []
+    wrong = errors.wrong_digits(_LookupPipe({}, default="Seven."), pairs, batch_size=16)
+    assert [w["index"] for w in wrong] == [i for i, (_, y) in enumerate(pairs) if y != 7]
+    assert {w["answer"] for w in wrong} == {"seven"} and wrong[0]["label"] == DIGIT_WORDS[pairs[wrong[0]["index"]][1]]
+    grid = errors.error_grid(pairs, wrong, columns=8)
+    assert grid.size == (8 * 80, -(-len(wrong) // 8) * 94)
+
+
+def test_results_are_printed_and_saved_as_the_same_json(tmp_path, capsys):
+    out = tmp_path / "new" / "result.json"
+    errors.print_and_save({"accuracy": 0.5, "wrong": [{"index": 3}]}, str(out), indent=1)
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "wrong": [{"index": 3}]}
