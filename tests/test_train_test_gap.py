@@ -58,4 +58,5 @@ def test_wrong_digits_lists_the_wrong_answers_only():
 def test_results_are_printed_and_saved_as_the_same_json(tmp_path, capsys):
     out = tmp_path / "new" / "result.json"
     errors.print_and_save({"accuracy": 0.5, "wrong": [{"index": 3}]}, str(out), indent=1)
-    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "wrong": [{"index": 3}]}
+    expected = {"accuracy": 0.5, "wrong": [{"index": 3}]}
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out) == expected
