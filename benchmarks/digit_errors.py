@@ -1,9 +1,10 @@
 """Which held-out digits does a model read wrong? For each model: the test digits (index in the 297-digit test split,
 label, answer) it gets wrong, which of them the eval's digit classifier (an SVM on the real train scans, no
-denoiser) also gets wrong, and a PNG of the first model's wrong digits with their answers. A diagnostic, not an
-evaluation (``mmdlm eval --splits digits --n 297`` is that).
+denoiser) also gets wrong, with ``--tower-probe`` which of them a linear probe on the model's own frozen tower
+features (benchmarks/tower_probe.py) gets wrong, and a PNG of the first model's wrong digits with their answers. A
+diagnostic, not an evaluation (``mmdlm eval --splits digits --n 297`` is that).
 
-    python benchmarks/digit_errors.py --models shapes-tiny runs/shapes-tiny-read-digits/model \\
+    python benchmarks/digit_errors.py --tower-probe --models shapes-tiny runs/shapes-tiny-read-digits/model \\
         --out benchmarks/results/recipe-sweep/round10/digit-errors.json \\
         --png benchmarks/results/recipe-sweep/round10/digit-errors.png
 """
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=["shapes-tiny"], help="bundled model names or saved model folders")
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
     ap.add_argument("--png", default=None, help="write the first model's wrong digits to this PNG")
+    ap.add_argument("--tower-probe", action="store_true",
+                    help="also list the digits a linear probe on each model's frozen tower features gets wrong")
     args = ap.parse_args(argv)
     import mmdlm
 
@@ -65,6 +68,15 @@ def main(argv: list[str] | None = None) -> None:
         wrong = wrong_digits(mmdlm.load(name, device="cpu"), pairs)
         result["models"][name] = {"accuracy": 1 - len(wrong) / len(pairs), "wrong": wrong,
                                   "also_wrong_for_the_classifier": sum(w["index"] in classifier_wrong for w in wrong)}
+        if args.tower_probe:
+            from tower_probe import digit_features, linear_probe_predictions
+
+            x, y = digit_features(name, "train")
+            x_test, y_test = digit_features(name, "test")
+            probe_wrong = (linear_probe_predictions(x, y, x_test) != y_test).nonzero().flatten().tolist()
+            result["models"][name].update(tower_probe_accuracy=1 - len(probe_wrong) / len(pairs),
+                                          tower_probe_wrong=probe_wrong,
+                                          also_wrong_for_the_tower_probe=sum(w["index"] in probe_wrong for w in wrong))
         if args.png and name == args.models[0]:
             Path(args.png).parent.mkdir(parents=True, exist_ok=True)
             error_grid(pairs, wrong).save(args.png)

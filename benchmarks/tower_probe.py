@@ -37,9 +37,9 @@ def digit_features(model: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return feats.flatten(1), torch.tensor([label for _, label in data])
 
 
-def linear_probe(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, steps: int = 2000,
-                 seed: int = 0) -> float:
-    """Test accuracy of a linear classifier (AdamW on standardised features) trained on (x, y)."""
+def linear_probe_predictions(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, steps: int = 2000,
+                             seed: int = 0) -> torch.Tensor:
+    """Test-set classes predicted by a linear classifier (AdamW on standardised features) trained on (x, y)."""
     mean, std = x.mean(0), x.std(0) + 1e-5
     x, x_test = (x - mean) / std, (x_test - mean) / std
     torch.manual_seed(seed)
@@ -52,7 +52,13 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test:
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return float((probe(x_test).argmax(-1) == y_test).float().mean())
+        return probe(x_test).argmax(-1)
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, steps: int = 2000,
+                 seed: int = 0) -> float:
+    """Test accuracy of :func:`linear_probe_predictions`."""
+    return float((linear_probe_predictions(x, y, x_test, steps, seed) == y_test).float().mean())
 
 
 def digit_probe(model: str) -> float:

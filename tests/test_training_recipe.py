@@ -151,7 +151,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
                                   "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
-                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke"])
+                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke",
+                                  "experiments/shapes-tiny-read-digits-projector"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths

@@ -165,6 +165,21 @@ def _check_capabilities(config: Any, examples: list[dict], path: str) -> None:
         )
 
 
+def _check_projector_only(stage: DenoiserStage, examples: list[dict], path: str) -> None:
+    """A projector-only stage learns from rows with images only: refuse drawing and text rows before training, whose
+    batches would reach no trainable parameter."""
+    if not stage.projector_only:
+        return
+    blind = sorted({"t2i (drawing)" if ex["task"] == "t2i" else "text without images" for ex in examples
+                    if ex["task"] == "t2i" or not ex.get("images")})
+    if blind:
+        raise ValueError(
+            f"{path}.projector_only: only the projector trains, and the stage's mixture also has {' and '.join(blind)} "
+            "rows, which never pass through it; add tasks: [understanding] to the stage, or give those sources "
+            "source_weights of 0"
+        )
+
+
 def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: Mixture, eval_examples: list[dict],
                     start: Any, generation_overrides: Optional[dict[str, Any]] = None) -> Path:
     from .. import diffusion
@@ -191,6 +206,7 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
         config.is_causal = stage.is_causal  # read at every forward; saved with this stage's model
     everything = mixture.drawn_examples() + eval_examples
     _check_capabilities(config, everything, path)
+    _check_projector_only(stage, mixture.drawn_examples(), path)
     _check_loss_options(stage, config, path)
     _apply_freeze(model, stage, path)
     collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),

@@ -288,6 +288,12 @@ class StageTrainer:
                         with self._autocast():
                             out = loss_fn(model, batch, generator)
                         loss = out["loss"]
+                        if not loss.requires_grad:
+                            raise ValueError(
+                                f"stage {stage.name!r}, step {step + 1}: this batch reached no trainable parameter "
+                                "(its loss has no gradient); with freeze or projector_only, leave out the tasks that "
+                                "do not pass through the parts that train (the stage's tasks or source_weights)"
+                            )
                         bad = not bool(torch.isfinite(loss.detach()).all())
                         if self._any_rank(bad):
                             self._diverged(step, "the loss", float(loss.detach()))
