@@ -166,18 +166,18 @@ def _check_capabilities(config: Any, examples: list[dict], path: str) -> None:
 
 
 def _check_projector_only(stage: DenoiserStage, examples: list[dict], path: str) -> None:
-    """A projector-only stage learns from rows with images only: refuse drawing and text rows before training, whose
-    batches would reach no trainable parameter."""
+    """A projector-only stage learns from rows with images only: refuse drawing rows, which never reach the
+    projector, and a mixture without any image to read, before training."""
     if not stage.projector_only:
         return
-    blind = sorted({"t2i (drawing)" if ex["task"] == "t2i" else "text without images" for ex in examples
-                    if ex["task"] == "t2i" or not ex.get("images")})
-    if blind:
+    if any(ex["task"] == "t2i" for ex in examples):
         raise ValueError(
-            f"{path}.projector_only: only the projector trains, and the stage's mixture also has {' and '.join(blind)} "
-            "rows, which never pass through it; add tasks: [understanding] to the stage, or give those sources "
-            "source_weights of 0"
+            f"{path}.projector_only: only the projector trains, and drawing (t2i) rows never pass through it; add "
+            "tasks: [understanding] to the stage, or give the drawing sources source_weights of 0"
         )
+    if not any(ex.get("images") for ex in examples):
+        raise ValueError(f"{path}.projector_only: the stage's mixture has no rows with images, so the projector "
+                         "would learn nothing; add an image source")
 
 
 def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: Mixture, eval_examples: list[dict],

@@ -140,6 +140,7 @@ class StageTrainer:
         )
         self.params = [p for g in param_groups for p in g["params"]]
         self.start_step = 0
+        self._warned_no_grad = False
         self.ema: Optional[ParameterEMA] = None
         if getattr(stage, "ema_decay", None) is not None:
             if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
@@ -226,6 +227,16 @@ class StageTrainer:
             sums, counts = t[:len(keys)], t[len(keys):]
         return {k: s / c for k, s, c in zip(keys, sums, counts) if c > 0}
 
+    def _zero_gradient_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """A batch whose rows reach no trainable parameter (say, text rows when only the projector trains) adds
+        nothing to the gradient; it still goes through backward, so that every DDP rank reduces the same buckets."""
+        if not self._warned_no_grad and self.acc.is_main_process:
+            self._warned_no_grad = True
+            print(f"[mmdlm train] stage {self.stage.name!r}, step {step + 1}: a batch reached no trainable parameter "
+                  "(its rows do not pass through the parts that train: freeze / projector_only); such batches add "
+                  "no gradient", flush=True)
+        return loss.detach() + sum(0.0 * p.sum() for p in self.params)
+
     def _diverged(self, step: int, what: str, value: float) -> None:
         path = self.save(step, {"diverged": True})
         where = f"{path}" if path is not None else f"{self.checkpoint_dir}"
@@ -289,11 +300,7 @@ class StageTrainer:
                             out = loss_fn(model, batch, generator)
                         loss = out["loss"]
                         if not loss.requires_grad:
-                            raise ValueError(
-                                f"stage {stage.name!r}, step {step + 1}: this batch reached no trainable parameter "
-                                "(its loss has no gradient); with freeze or projector_only, leave out the tasks that "
-                                "do not pass through the parts that train (the stage's tasks or source_weights)"
-                            )
+                            loss = self._zero_gradient_loss(loss, step)
                         bad = not bool(torch.isfinite(loss.detach()).all())
                         if self._any_rank(bad):
                             self._diverged(step, "the loss", float(loss.detach()))
