@@ -152,7 +152,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
                                   "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
                                   "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke",
-                                  "experiments/shapes-tiny-read-digits-projector"])
+                                  "experiments/shapes-tiny-read-digits-projector",
+                                  "experiments/shapes-tiny-read-draw-ema"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -162,11 +163,23 @@ def test_bundled_recipes_load(name):
         assert [s.pop("augment_stroke") for s in arm["data"]["sources"] if s["type"] == "digits"] == [[-2, 4], [0, 0]]
         assert [s.pop("augment_stroke") for s in shipped["data"]["sources"] if s["type"] == "digits"] == [[0, 0]] * 2
         assert arm == shipped
+    if name == "experiments/shapes-tiny-read-digits-projector":  # read-digits, the projector alone training
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits.yaml").to_dict()
+        arm.pop("output_dir"), base.pop("output_dir")
+        ours, theirs = arm["stages"][0], base["stages"][0]
+        changed = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        assert changed == {"lr": (3e-4, 1e-4), "projector_only": (True, False), "tasks": (["understanding"], None),
+                           "vision_tower_lr": (None, 5e-5)}
+        arm["stages"], base["stages"] = [], []
+        assert arm == base
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
         arm, base = r.to_dict(), load_recipe(CONFIGS / f"{name.removesuffix('-ema')}.yaml").to_dict()
         assert (arm.pop("output_dir"), base.pop("output_dir")) == (f"{base_dir(name)}-ema", base_dir(name))
         (stage,) = arm["stages"]
-        assert (stage.pop("ema_decay"), stage.pop("ema_save_raw")) == (0.995, True)
+        decay, schedules = {"experiments/shapes-tiny-read-digits-ema": (0.995, ("cosine", "cosine")),
+                            "experiments/shapes-tiny-read-draw-ema": (0.99, ("constant", "cosine"))}[name]
+        assert (stage.pop("ema_decay"), stage.pop("ema_save_raw")) == (decay, True)
+        assert (stage.pop("schedule"), base["stages"][0].pop("schedule")) == schedules
         assert base["stages"][0]["ema_decay"] is None
         base["stages"][0].pop("ema_decay"), base["stages"][0].pop("ema_save_raw")
         assert arm == base
