@@ -229,12 +229,15 @@ class StageTrainer:
 
     def _zero_gradient_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """A batch whose rows reach no trainable parameter (say, text rows when only the projector trains) adds
-        nothing to the gradient; it still goes through backward, so that every DDP rank reduces the same buckets."""
-        if not self._warned_no_grad and self.acc.is_main_process:
+        nothing to the gradient: a zero loss over the trainable parameters stands in for it. Several processes
+        would have to agree on such a batch, so there it stops the run with what to change instead."""
+        what = (f"stage {self.stage.name!r}, step {step + 1}: a batch reached no trainable parameter (its rows do not "
+                "pass through the parts that train: freeze / projector_only)")
+        if self.acc.num_processes > 1:
+            raise ValueError(f"{what}; leave those tasks or sources out of the stage (tasks: / source_weights:)")
+        if not self._warned_no_grad:
             self._warned_no_grad = True
-            print(f"[mmdlm train] stage {self.stage.name!r}, step {step + 1}: a batch reached no trainable parameter "
-                  "(its rows do not pass through the parts that train: freeze / projector_only); such batches add "
-                  "no gradient", flush=True)
+            print(f"[mmdlm train] {what}; such batches add no gradient", flush=True)
         return loss.detach() + sum(0.0 * p.sum() for p in self.params)
 
     def _diverged(self, step: int, what: str, value: float) -> None:
