@@ -366,7 +366,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_process_cpu_data_parallel_ranks_agree(tmp_path):
+def test_two_process_cpu_data_parallel_ranks_agree(tmp_path):  # with a moving average of the weights
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "out"
@@ -375,7 +375,7 @@ def test_two_process_cpu_data_parallel_ranks_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), json.dumps(recipe_dict(steps=2))]
+           str(out), json.dumps(recipe_dict(steps=2, ema_decay=0.9, ema_save_raw=True))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("image_tokenizer", "model"):
@@ -383,3 +383,5 @@ def test_two_process_cpu_data_parallel_ranks_agree(tmp_path):
         assert hashes[0] == hashes[1], stage
     assert (out / "model" / "model.safetensors").is_file()
     assert "2 process(es)" in proc.stdout
+    # The stage's model is the moving average (rank 0 writes it), the raw weights are beside it.
+    assert not torch.equal(weights(out / "model")["lm_head.weight"], weights(out / "model-raw")["lm_head.weight"])
