@@ -5,8 +5,9 @@ features (benchmarks/tower_probe.py) gets wrong, and a PNG of the first model's 
 diagnostic, not an evaluation (``mmdlm eval --splits digits --n 297`` is that).
 
     python benchmarks/digit_errors.py --tower-probe --models shapes-tiny runs/shapes-tiny-read-digits/model \\
+        runs/shapes-tiny-read-stroke/model runs/shapes-tiny-read-digits-projector/model \\
         --out benchmarks/results/recipe-sweep/round10/digit-errors.json \\
-        --png benchmarks/results/recipe-sweep/round10/digit-errors.png
+        --png benchmarks/results/recipe-sweep/round10/digit-errors-shipped.png
 """
 
 from __future__ import annotations
