@@ -14,7 +14,8 @@ class MMDLMConfig(PreTrainedConfig):
     Text denoiser (LLaDA shapes): ``vocab_size``, ``hidden_size``, ``intermediate_size`` (SwiGLU width),
     ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (grouped-query attention when smaller),
     ``head_dim``, ``rope_theta``, ``rms_norm_eps``, ``tie_word_embeddings``. ``is_causal=True`` turns the same
-    network into an autoregressive twin (used only as a baseline).
+    network into an autoregressive twin (used only as a baseline). ``residual_dropout`` (LLaDA's name) drops that
+    share of each attention and MLP output before it joins the residual stream, in training mode only.
 
     Understanding (LLaDA-V / LLaVA names): ``vision_config`` is the dict given to
     :func:`mmdlm.vision.towers.create_vision_tower`; ``mm_projector_type`` is a LLaVA projector string;
@@ -60,6 +61,7 @@ class MMDLMConfig(PreTrainedConfig):
         image_token_offset: int | None = None,
         codebook_size: int = 0,
         image_code_positions: bool = False,
+        residual_dropout: float = 0.0,
         soi_token_id: int | None = None,
         eoi_token_id: int | None = None,
         t2i_token_id: int | None = None,
@@ -104,6 +106,7 @@ class MMDLMConfig(PreTrainedConfig):
         # attention reads from scores, not values: a learned table puts "row 3, column 12" into the code's input.
         # On shapes-tiny it did not help drawing in a 300-step A/B (benchmarks/results/recipe-sweep/round8).
         self.image_code_positions = image_code_positions
+        self.residual_dropout = residual_dropout
         self.soi_token_id = soi_token_id
         self.eoi_token_id = eoi_token_id
         self.t2i_token_id = t2i_token_id
@@ -131,6 +134,8 @@ class MMDLMConfig(PreTrainedConfig):
                 f"image codes end at {self.image_token_offset + self.codebook_size} but vocab_size is "
                 f"{self.vocab_size}; raise vocab_size."
             )
+        if not 0.0 <= self.residual_dropout < 1.0:
+            raise ValueError(f"residual_dropout is a probability in [0, 1), got {self.residual_dropout}.")
         if self.image_code_positions and not self.can_draw_images:
             raise ValueError("image_code_positions needs an image tokenizer (image_tokenizer_config and codebook_size).")
 

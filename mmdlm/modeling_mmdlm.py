@@ -106,15 +106,17 @@ class MMDLMDecoderLayer(nn.Module):
 
     def __init__(self, config: MMDLMConfig) -> None:
         super().__init__()
+        self.config = config  # residual_dropout is read at each forward, so a loaded model can be given one
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MMDLMAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MMDLMMLP(config)
 
     def forward(self, x, cos, sin, mask, past=None):
+        p = getattr(self.config, "residual_dropout", 0.0) if self.training else 0.0
         h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        x = x + F.dropout(h, p, training=p > 0)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), p, training=p > 0), present
 
 
 def build_attention_mask(

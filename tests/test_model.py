@@ -221,3 +221,16 @@ def test_image_code_positions_can_be_added_to_a_trained_model_without_changing_i
         tiny().model.add_image_code_positions()
     with pytest.raises(ValueError, match="image_code_positions needs an image tokenizer"):
         MMDLMConfig(vocab_size=97, image_code_positions=True)
+
+
+def test_residual_dropout_acts_in_training_mode_only():
+    x = torch.randint(0, 90, (2, 8))
+    plain, dropped = tiny(), tiny(residual_dropout=0.5)  # same seed: same weights
+    assert torch.equal(plain(input_ids=x).logits, dropped(input_ids=x).logits)  # eval mode: no dropout
+    dropped.train()
+    a, b = dropped(input_ids=x).logits, dropped(input_ids=x).logits
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(input_ids=x).logits)
+    dropped.config.residual_dropout = 0.0  # read at each forward: a loaded model can be given (or lose) it
+    assert torch.allclose(dropped(input_ids=x).logits, plain(input_ids=x).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="residual_dropout"):
+        MMDLMConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, residual_dropout=1.0)

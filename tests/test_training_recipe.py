@@ -112,6 +112,11 @@ def test_shapes_question_types_are_checked_before_training():
         assert message.startswith("data.sources[0].question_types:") and "'position'" in message
 
 
+def test_residual_dropout_is_checked_before_training():
+    assert recipe_from_dict(_base(model={"residual_dropout": 0.1})).model.residual_dropout == 0.1
+    assert _error(_base(model={"residual_dropout": 1.5})).startswith("model.residual_dropout: a probability")
+
+
 def test_digits_augment_is_checked_before_training():
     ok = recipe_from_dict(_base(data={"sources": [{"type": "digits", "augment": 3, "seed": 2}]}))
     assert (ok.data.sources[0].augment, ok.data.sources[0].seed) == (3, 2)
@@ -153,7 +158,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
                                   "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke",
                                   "experiments/shapes-tiny-read-digits-projector",
-                                  "experiments/shapes-tiny-read-draw-ema"])
+                                  "experiments/shapes-tiny-read-draw-ema",
+                                  "experiments/shapes-tiny-read-digits-dropout"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -171,6 +177,12 @@ def test_bundled_recipes_load(name):
         assert changed == {"lr": (3e-4, 1e-4), "projector_only": (True, False), "tasks": (["understanding"], None),
                            "vision_tower_lr": (None, 5e-5)}
         arm["stages"], base["stages"] = [], []
+        assert arm == base
+    if name == "experiments/shapes-tiny-read-digits-dropout":  # read-digits with dropout in every block
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits.yaml").to_dict()
+        assert (arm.pop("output_dir"), base.pop("output_dir")) == ("runs/shapes-tiny-read-digits-dropout",
+                                                                   "runs/shapes-tiny-read-digits")
+        assert (arm["model"].pop("residual_dropout"), base["model"].pop("residual_dropout")) == (0.1, None)
         assert arm == base
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
         arm, base = r.to_dict(), load_recipe(CONFIGS / f"{name.removesuffix('-ema')}.yaml").to_dict()

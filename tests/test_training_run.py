@@ -194,12 +194,13 @@ def test_vision_tower_from_copies_a_saved_tower_and_refuses_another_shape(base, 
 
 def test_init_from_adds_code_positions_to_a_saved_model_and_trains_them(straight, tmp_path):
     d = recipe_dict(steps=2, tasks=["t2i"])
-    d["model"] = {"init_from": str(straight), "image_code_positions": True}
+    d["model"] = {"init_from": str(straight), "image_code_positions": True, "residual_dropout": 0.1}
     d["stages"] = d["stages"][2:]
     final = train(recipe_from_dict(d), output_dir=tmp_path, cpu=True)
     table = weights(final)["model.image_code_pos_embed"]
     assert table.shape == (16, 32) and table.abs().sum() > 0  # a 4x4 code grid; zeros at the start, then trained
-    assert json.loads((final / "config.json").read_text())["image_code_positions"] is True
+    config = json.loads((final / "config.json").read_text())
+    assert config["image_code_positions"] is True and config["residual_dropout"] == 0.1  # replaced the loaded 0.0
 
 
 def test_training_reduces_the_loss(base, tmp_path):

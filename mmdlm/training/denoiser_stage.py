@@ -51,7 +51,7 @@ def _fresh_model(m: ModelRecipe, seed: int, tokenizer: Any, vq: Any, index: int)
         config = MMDLMConfig(
             **sizes, **fields, vision_config=vision_config, mm_projector_type=m.mm_projector_type,
             use_image_newline=m.use_image_newline, image_slot_embeddings=m.image_slot_embeddings,
-            image_code_positions=m.image_code_positions,
+            image_code_positions=m.image_code_positions, residual_dropout=m.residual_dropout or 0.0,
             image_tokenizer_config=({**dataclasses.asdict(vq.config), "channel_mult": list(vq.config.channel_mult)}
                                     if vq is not None else None),
         )
@@ -324,6 +324,8 @@ def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int, tower_f
         if m.image_code_positions and not model.config.image_code_positions:
             model.model.add_image_code_positions()
             ctx.log("model.image_code_positions: added zero code-position embeddings to the loaded model")
+        if m.residual_dropout is not None:
+            model.config.residual_dropout = m.residual_dropout  # read by every block at each training forward
         return model, processor
     tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
     model, processor = _fresh_model(m, ctx.recipe.seed, tokenizer, vq, index)

@@ -33,7 +33,9 @@ class ModelRecipe:
     next-token head then keeps its meaning after the switch to diffusion. ``image_slot_embeddings`` adds a learned
     embedding per image slot to the projected features, so that what is read from a slot says where it is.
     ``image_code_positions`` adds a learned embedding per code-grid cell to the image-code slots of drawing rows;
-    with ``init_from`` it is added (zeros) to a loaded model that lacks it, the one size field that is not ignored."""
+    with ``init_from`` it is added (zeros) to a loaded model that lacks it, the one size field that is not ignored.
+    ``residual_dropout`` (LLaDA's name; ``None`` = the model's own, 0 for a new one) drops that share of each
+    block's attention and MLP outputs while training; with ``init_from`` it replaces the loaded model's value."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -52,6 +54,7 @@ class ModelRecipe:
     use_image_newline: bool = False
     image_slot_embeddings: bool = False
     image_code_positions: bool = False
+    residual_dropout: Optional[float] = None
     image_processor: Optional[dict[str, Any]] = None
     image_tokenizer: Optional[dict[str, Any]] = None
     image_tokenizer_path: Optional[str] = None
@@ -274,6 +277,9 @@ def validate(recipe: Recipe) -> Recipe:
     check_positive(recipe.data.eval_examples, "data.eval_examples")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
         check_positive(getattr(recipe.model, key), f"model.{key}")
+    dropout = recipe.model.residual_dropout
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise RecipeError(f"model.residual_dropout: a probability in [0, 1) (e.g. 0.1), got {dropout}")
     if recipe.model.image_tokenizer is not None:
         _check_vq_fields(recipe.model.image_tokenizer)
     if recipe.model.generation:
