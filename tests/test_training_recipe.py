@@ -159,7 +159,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke",
                                   "experiments/shapes-tiny-read-digits-projector",
                                   "experiments/shapes-tiny-read-draw-ema",
-                                  "experiments/shapes-tiny-read-digits-dropout"])
+                                  "experiments/shapes-tiny-read-digits-dropout",
+                                  "experiments/shapes-tiny-read-digits-drawn"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -183,6 +184,13 @@ def test_bundled_recipes_load(name):
         assert (arm.pop("output_dir"), base.pop("output_dir")) == ("runs/shapes-tiny-read-digits-dropout",
                                                                    "runs/shapes-tiny-read-digits")
         assert (arm["model"].pop("residual_dropout"), base["model"].pop("residual_dropout")) == (0.1, None)
+        assert arm == base
+    if name == "experiments/shapes-tiny-read-digits-drawn":  # read-digits plus the model's own drawn digits
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits.yaml").to_dict()
+        arm.pop("output_dir"), base.pop("output_dir")
+        drawn = arm["data"]["sources"].pop()
+        assert (drawn["type"], drawn["task"], drawn["path"]) == ("table", "vqa", "runs/drawn-digits/rows.jsonl")
+        assert arm["stages"][0].pop("source_weights") == base["stages"][0].pop("source_weights") + [1.0]
         assert arm == base
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
         arm, base = r.to_dict(), load_recipe(CONFIGS / f"{name.removesuffix('-ema')}.yaml").to_dict()
