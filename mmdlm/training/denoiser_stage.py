@@ -204,9 +204,10 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     config = model.config
     if stage.is_causal is not None:
         config.is_causal = stage.is_causal  # read at every forward; saved with this stage's model
-    everything = mixture.drawn_examples() + eval_examples
+    drawn = mixture.drawn_examples()
+    everything = drawn + eval_examples
     _check_capabilities(config, everything, path)
-    _check_projector_only(stage, mixture.drawn_examples(), path)
+    _check_projector_only(stage, drawn, path)
     _check_loss_options(stage, config, path)
     _apply_freeze(model, stage, path)
     collator = MultiTaskCollator(processor, max_length=min(stage.max_length, config.max_position_embeddings),
