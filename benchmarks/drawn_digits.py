@@ -41,14 +41,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="shapes-tiny", help="bundled model name or saved mmdlm model folder")
     ap.add_argument("--per-digit", type=int, default=75, help="drawings of each digit (default 75)")
     ap.add_argument("--out", required=True, help="folder for images/ and rows.jsonl")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="sampling seed of the first batch (later batches seed + 1, ...); give another seed for "
+                         "more drawings that differ from an earlier run's (default 0)")
     ap.add_argument("--check", action="store_true", help="score the drawings with the eval's digit classifier")
     args = ap.parse_args(argv)
     import mmdlm
     from PIL import Image
 
     out = Path(args.out)
-    rows = write_drawn_digits(mmdlm.load(args.model, device="cpu"), out, args.per_digit)
-    result: dict[str, Any] = {"model": args.model, "rows": len(rows), "table": str(out / "rows.jsonl")}
+    rows = write_drawn_digits(mmdlm.load(args.model, device="cpu"), out, args.per_digit, seed=args.seed)
+    result: dict[str, Any] = {"model": args.model, "seed": args.seed, "rows": len(rows),
+                              "table": str(out / "rows.jsonl")}
     if args.check:
         from mmdlm.eval.checkers import DigitClassifier
 

@@ -34,6 +34,9 @@ def test_drawings_become_question_rows_with_their_digit(tmp_path):
     for r in rows:  # each file holds the drawing of its own row's digit
         assert Image.open(tmp_path / r["image"]).getpixel((0, 0))[0] == r["label"] * 20
     assert [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == rows
+    again = _Drawer()
+    drawn.write_drawn_digits(again, tmp_path / "more", per_digit=3, batch_size=4, seed=100)
+    assert again.seeds == list(range(100, 108))  # another seed: batches that differ from the first run's
     examples = load_table(tmp_path / "rows.jsonl", task="vqa", text_column="answer")
     assert len(examples) == 30
     first = examples[4]

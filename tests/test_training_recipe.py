@@ -160,7 +160,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-read-digits-projector",
                                   "experiments/shapes-tiny-read-draw-ema",
                                   "experiments/shapes-tiny-read-digits-dropout",
-                                  "experiments/shapes-tiny-read-digits-drawn"])
+                                  "experiments/shapes-tiny-read-digits-drawn",
+                                  "experiments/shapes-tiny-read-digits-drawn3000"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -190,6 +191,14 @@ def test_bundled_recipes_load(name):
         arm.pop("output_dir"), base.pop("output_dir")
         drawn = arm["data"]["sources"].pop()
         assert (drawn["type"], drawn["task"], drawn["path"]) == ("table", "vqa", "runs/drawn-digits/rows.jsonl")
+        assert arm["stages"][0].pop("source_weights") == base["stages"][0].pop("source_weights") + [1.0]
+        assert arm == base
+    if name == "experiments/shapes-tiny-read-digits-drawn3000":  # round 10's drawn run, 2 250 more drawings
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits-drawn.yaml").to_dict()
+        arm.pop("output_dir"), base.pop("output_dir")
+        more, first = arm["data"]["sources"].pop(), arm["data"]["sources"][-1]
+        assert (more["path"], more["weight"], first["weight"]) == ("runs/drawn-digits-b/rows.jsonl", 0.75, 0.25)
+        first["weight"] = base["data"]["sources"][-1]["weight"]  # the two tables together weigh what one did
         assert arm["stages"][0].pop("source_weights") == base["stages"][0].pop("source_weights") + [1.0]
         assert arm == base
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
