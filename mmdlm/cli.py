@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("draw", help="draw an image from a text prompt",
                        description="Draw an image from a text prompt with MaskGIT-style decoding of image tokens.",
                        epilog='examples:\n  mmdlm draw "a small blue square at the top left." -o square.png\n'
-                              '  mmdlm draw "a large red circle at the center." -o c.png --seed 1 --image-steps 24',
+                              '  mmdlm draw "a large red circle at the center." -o c.png --seed 1 --image-steps 24\n'
+                              '  mmdlm draw "a small green square at the top." -o s.png --candidates 8',
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="what to draw, in quotes")
     p.add_argument("-o", "--output", default="out.png", help="where to save the PNG (default: out.png)")
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of the image codes (default 1.0; 0 = argmax, the same image every time)")
     p.add_argument("--seed", type=int, default=None, help="random seed for a reproducible image")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="draw N images and keep the one the model itself reads back best as the prompt (N times "
+                        "slower; default: the model's image_candidates, 1)")
     _add_model_args(p)
 
     p = sub.add_parser("demo", help="run the local web demo (Gradio)",
@@ -176,7 +180,7 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {args.output!r}: folder {out_dir!r} does not exist")
     pipe = _load(args)
     image = pipe.generate_image(args.prompt, steps=args.image_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                                temperature=args.temperature)
+                                temperature=args.temperature, candidates=args.candidates)
     image.save(args.output)
     stats = pipe.last_stats.to_dict() if pipe.last_stats else None
     _emit(args, {"prompt": args.prompt, "output": args.output, "size": list(image.size), "stats": stats},

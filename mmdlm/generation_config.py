@@ -20,7 +20,8 @@ class MMDLMGenerationConfig(GenerationConfig):
     ``gen_length`` (answer canvas), ``block_length`` (semi-autoregressive block), ``temperature`` (Gumbel noise;
     0 = argmax), ``remasking`` ("low_confidence" | "random"), ``cfg_scale`` (unsupervised CFG weight),
     ``threshold`` (fast sampler: commit every token with confidence above it), ``cache`` ("prefix" | "dual" | "none").
-    Images: ``image_steps`` (MaskGIT steps) and ``guidance_scale`` (CFG weight w in (1+w)·cond − w·uncond).
+    Images: ``image_steps`` (MaskGIT steps), ``guidance_scale`` (CFG weight w in (1+w)·cond − w·uncond) and
+    ``image_candidates`` (drawings per prompt; above 1 the pipeline keeps the one the model reads back best).
 
     ``temperature`` and ``guidance_scale`` keep transformers' attribute names, but with diffusion meanings:
     temperature 0 is valid (argmax) and needs no ``do_sample`` flag.
@@ -39,6 +40,7 @@ class MMDLMGenerationConfig(GenerationConfig):
         cache: str = "prefix",
         image_steps: int = 16,
         guidance_scale: float = 3.5,
+        image_candidates: int = 1,
         **kwargs: Any,
     ) -> None:
         # Our attributes exist before GenerationConfig.__init__ runs validate(); temperature and guidance_scale are
@@ -52,6 +54,7 @@ class MMDLMGenerationConfig(GenerationConfig):
         self.threshold = threshold
         self.cache = cache
         self.image_steps = image_steps
+        self.image_candidates = image_candidates
         super().__init__(temperature=temperature, guidance_scale=guidance_scale, **kwargs)
 
     @classmethod
@@ -71,7 +74,7 @@ class MMDLMGenerationConfig(GenerationConfig):
             raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}.")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}.")
-        for name in ("steps", "gen_length", "block_length", "image_steps"):
+        for name in ("steps", "gen_length", "block_length", "image_steps", "image_candidates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -58,7 +58,8 @@ class MMDLMPipeline:
 
     Sampling options (``sampler``, ``steps``, ``gen_length``, ``block_length``, ``temperature``, ``remasking``,
     ``cfg_scale``, ``threshold``, ``cache``) default to the model's generation config and can be overridden per call.
-    After each call ``last_stats`` holds a :class:`GenerationStats`.
+    After each call ``last_stats`` holds a :class:`GenerationStats`; after ``generate_image`` with candidates,
+    ``last_image_scores`` holds each prompt's candidate scores (``None`` after a call without).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, generation_config: Any = None) -> None:
@@ -68,6 +69,7 @@ class MMDLMPipeline:
         self.processor = processor
         self.generation_config = generation_config if generation_config is not None else MMDLMGenerationConfig()
         self.last_stats: GenerationStats | None = None
+        self.last_image_scores: list[list[float]] | None = None
         # One generation at a time: streams run the sampler in a worker thread.
         self._lock = threading.Lock()
 
@@ -152,12 +154,46 @@ class MMDLMPipeline:
         guidance_scale: float | None = None,
         seed: int | None = None,
         temperature: float = 1.0,
+        candidates: int | None = None,
     ) -> Image.Image | list[Image.Image]:
         """Draw ``prompt`` (or each prompt of a list) with MaskGIT decoding (a causal model, e.g. the AR twin, draws
-        code by code and ignores ``steps``); ``seed`` makes it reproducible."""
+        code by code and ignores ``steps``); ``seed`` makes it reproducible.
+
+        ``candidates`` = N > 1 (default: the generation config's ``image_candidates``, 1) draws N images of each
+        prompt and keeps the one the model itself reads back best: the highest ELBO of the prompt as the image's
+        caption (:func:`mmdlm.reading_score.caption_log_likelihoods`). It costs N drawings plus one batched forward
+        pass per drawing, and needs a model that also reads images.
+        """
         prompts, batched = (list(prompt), True) if _is_batch(prompt) else ([prompt], False)
-        images = self._generate_images(prompts, steps, guidance_scale, seed, temperature, callback=None)
+        n = self._image_candidates(candidates)
+        self.last_image_scores = None
+        if n == 1:
+            images = self._generate_images(prompts, steps, guidance_scale, seed, temperature, callback=None)
+            return images if batched else images[0]
+        from .reading_score import caption_log_likelihoods
+
+        start = time.perf_counter()
+        repeated = [p for p in prompts for _ in range(n)]
+        drawn = self._generate_images(repeated, steps, guidance_scale, seed, temperature, callback=None)
+        with self._lock, ForwardCounter(self.model) as calls:
+            scores = caption_log_likelihoods(self.model, self.processor, drawn, [p.strip() for p in repeated])
+        best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
+        images = [drawn[i] for i in best]
+        stats = self.last_stats
+        self.last_stats = GenerationStats(forward_passes=stats.forward_passes + calls.count, tokens=stats.tokens,
+                                          tokens_per_forward=stats.tokens_per_forward,
+                                          seconds=time.perf_counter() - start, batch_size=len(prompts))
+        self.last_image_scores = [[scores[j] for j in range(i * n, (i + 1) * n)] for i in range(len(prompts))]
         return images if batched else images[0]
+
+    def _image_candidates(self, candidates: int | None) -> int:
+        n = candidates if candidates is not None else getattr(self.generation_config, "image_candidates", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"candidates must be a whole number >= 1 (drawings per prompt), got {n!r}")
+        if n > 1 and not self.can_understand_images:
+            raise ValueError("candidates > 1 keeps the drawing the model reads back best, and this model cannot read "
+                             "images (no vision tower); use candidates=1")
+        return n
 
     def stream_image(
         self,

@@ -94,6 +94,11 @@ def test_draw_writes_a_png(capsys, tiny_model_dir, tmp_path):
     with Image.open(target) as im:
         assert im.format == "PNG" and list(im.size) == result["size"] == [16, 16]
     assert result["stats"]["forward_passes"] == 2
+    code, out, err = run(capsys, "draw", "a large red circle at the center.", "-o", target, "--model",
+                         tiny_model_dir, "--seed", "0", "--image-steps", "2", "--candidates", "3", "--json")
+    assert code == 0, err
+    # three drawings in one batch (2 passes), then one scoring pass per drawing
+    assert json.loads(out)["stats"]["forward_passes"] == 2 + 3
 
 
 def test_draw_temperature_zero_ignores_the_seed(capsys, tiny_model_dir, tmp_path):
@@ -122,6 +127,7 @@ def test_draw_temperature_zero_ignores_the_seed(capsys, tiny_model_dir, tmp_path
         (["ask", "{img}", "q", "--steps", "many"], "invalid int value"),
         (["ask", "{img}", "q", "--model", "{tmp}/no-such-model"], "neither a bundled model"),
         (["draw", "a circle", "-o", "{tmp}/no/such/dir/x.png"], "does not exist"),
+        (["draw", "a circle", "-o", "{tmp}/x.png", "--candidates", "0"], "candidates must be a whole number >= 1"),
         (["fly"], "invalid choice"),
     ],
 )

@@ -145,5 +145,6 @@ def test_cli_drawing_options_reach_generate_image(monkeypatch):
     pipe = OraclePipe()
     monkeypatch.setattr(mmdlm, "load", lambda model, device=None: pipe)
     main(["--splits", "test", "--n", "2", "--image-steps", "6", "--guidance-scale", "1.5",
-          "--image-temperature", "0.5"])
-    assert pipe.drawing and all(d == {"steps": 6, "guidance_scale": 1.5, "temperature": 0.5} for d in pipe.drawing)
+          "--image-temperature", "0.5", "--candidates", "4"])
+    assert pipe.drawing and all(d == {"steps": 6, "guidance_scale": 1.5, "temperature": 0.5, "candidates": 4}
+                                for d in pipe.drawing)

@@ -88,6 +88,8 @@ def test_generation_config_validates():
         MMDLMGenerationConfig(gen_length=10, block_length=4)
     with pytest.raises(ValueError, match="cache"):
         MMDLMGenerationConfig(cache="paged")
+    with pytest.raises(ValueError, match="image_candidates must be a positive integer"):
+        MMDLMGenerationConfig(image_candidates=0)
     MMDLMGenerationConfig(temperature=0.0).validate(strict=True)  # argmax needs no do_sample flag
 
 
@@ -97,7 +99,8 @@ def test_generation_config_round_trips_through_save_pretrained(tmp_path):
     m = GenModel(config())
     assert isinstance(m.generation_config, MMDLMGenerationConfig) and m.generation_config.eos_token_id == 2
     m.generation_config = MMDLMGenerationConfig(sampler="llada", steps=64, gen_length=64, block_length=16,
-                                                cache="dual", guidance_scale=5.0, image_steps=12, threshold=0.8)
+                                                cache="dual", guidance_scale=5.0, image_steps=12, threshold=0.8,
+                                                image_candidates=4)
     m.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     assert saved["sampler"] == "llada" and saved["image_steps"] == 12 and saved["temperature"] == 0.0
@@ -106,7 +109,7 @@ def test_generation_config_round_trips_through_save_pretrained(tmp_path):
     assert isinstance(gc, MMDLMGenerationConfig)
     assert (gc.sampler, gc.steps, gc.block_length, gc.cache, gc.guidance_scale, gc.threshold) == (
         "llada", 64, 16, "dual", 5.0, 0.8)
-    assert load_generation_config(tmp_path).image_steps == 12
+    assert load_generation_config(tmp_path).image_steps == 12 and gc.image_candidates == 4
     assert load_generation_config(tmp_path / "nowhere").sampler == "fast"  # defaults when there is no file
     out = sampling.generate(loaded, torch.randint(3, 60, (1, 3)), gen_length=4, block_length=4, steps=2)
     assert out.nfe == 2

@@ -53,7 +53,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
                     drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
     """VQA accuracy by question type and by the scene's number of objects, caption exact match / per-attribute
     accuracy, and drawing correctness on ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler,
-    ``drawing`` (``steps``, ``guidance_scale``, ``temperature``) to ``generate_image``. Returns (metrics, samples
+    ``drawing`` (``steps``, ``guidance_scale``, ``temperature``, ``candidates``) to ``generate_image``. Returns (metrics, samples
     for the report grids)."""
     sampling, drawing = sampling or {}, drawing or {}
     world = ShapesWorld(split, n, seed)
@@ -264,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance for drawing (default: model's config; 0 = off, e.g. for a model "
                    "trained without caption dropout such as the AR twin)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="drawings per prompt, keeping the one the model reads back best (default: model's config, 1)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for eval.json, eval.md and PNG grids")
     args = p.parse_args(argv)
@@ -273,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("block_length", args.block_length),
                                   ("threshold", args.threshold)) if v is not None}
     drawing = {k: v for k, v in (("steps", args.image_steps), ("guidance_scale", args.guidance_scale),
-                                 ("temperature", args.image_temperature)) if v is not None}
+                                 ("temperature", args.image_temperature), ("candidates", args.candidates))
+               if v is not None}
     results = run_evaluation(pipe, splits=args.splits, n=args.n, batch_size=args.batch_size, draw=not args.no_draw,
                              sampling=sampling, drawing=drawing, out_dir=args.out)
     print(format_table(results))
