@@ -115,7 +115,7 @@ def test_chat_is_multi_turn(client, tiny_pipeline, image):
 
 
 def test_draw_returns_the_decoded_image(client, tiny_pipeline):
-    path, stats = client.predict("a large red circle at the center.", 4, 1.0, 0, api_name="/draw")
+    path, stats = client.predict("a large red circle at the center.", 4, 1.0, 0, 1, api_name="/draw")
     size = tiny_pipeline.model.image_tokenizer.config.image_size
     with Image.open(path) as im:
         assert im.size == (size, size)
@@ -123,6 +123,17 @@ def test_draw_returns_the_decoded_image(client, tiny_pipeline):
     assert drawn == tiny_pipeline.generate_image("a large red circle at the center.", steps=4, guidance_scale=1.0,
                                                  seed=0).tobytes()
     assert stats.startswith("**4** forward passes")
+
+
+def test_draw_with_candidates_shows_the_pick_and_its_scores(client, tiny_pipeline):
+    path, stats = client.predict("a large red circle at the center.", 4, 1.0, 0, 3, api_name="/draw")
+    with Image.open(path) as im:
+        drawn = im.convert("RGB").tobytes()
+    want = tiny_pipeline.generate_image("a large red circle at the center.", steps=4, guidance_scale=1.0, seed=0,
+                                        candidates=3)
+    assert drawn == want.tobytes()
+    (scores,) = tiny_pipeline.last_image_scores
+    assert stats.endswith("best of **3** drawings (reading scores " + ", ".join(f"{x:.1f}" for x in scores) + ")")
 
 
 @pytest.mark.parametrize(
@@ -140,8 +151,9 @@ def test_draw_returns_the_decoded_image(client, tiny_pipeline):
         ("/chat", ({"text": "hi", "files": []}, [], *SETTINGS), "no image in the conversation"),
         ("/chat", ({"text": "hi", "files": ["{txt}"]}, [], *SETTINGS), "'notes.txt' is not an image"),
         ("/chat", ({"text": "", "files": ["{img}"]}, [], *SETTINGS), "the question is empty"),
-        ("/draw", ("", 4, 1.0, 0), "the prompt is empty"),
-        ("/draw", ("a circle", 0, 1.0, 0), "steps must be a positive integer, got 0."),
+        ("/draw", ("", 4, 1.0, 0, 1), "the prompt is empty"),
+        ("/draw", ("a circle", 0, 1.0, 0, 1), "steps must be a positive integer, got 0."),
+        ("/draw", ("a circle", 4, 1.0, 0, 2.5), "candidates must be a whole number, got 2.5"),
     ],
 )
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(client, image, tmp_path, api_name, args, message):

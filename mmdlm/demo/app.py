@@ -238,6 +238,9 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
                         guidance = gr.Slider(0.0, 10.0, value=float(gc_get("guidance_scale", 3.5)), step=0.1,
                                              label="Guidance scale")
                         seed = gr.Number(value=0, precision=0, label="Seed")
+                        candidates = gr.Slider(1, 8, value=int(gc_get("image_candidates", 1)), step=1,
+                                               label="Candidates (keep the drawing the model reads back best)",
+                                               visible=pipeline.can_understand_images)
                         draw_btn = gr.Button("Draw", variant="primary", elem_id="draw-button")
                     with gr.Column():
                         drawn = gr.Image(label="Image (gray = not yet decoded)", type="pil", format="png",
@@ -292,8 +295,18 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
             yield from _stream_answer(pipeline.stream_answer(load_upload(image), _caption_prompt(), **options))
 
         @_user_errors
-        def draw_fn(prompt: str, image_steps: float, guidance_scale: float, seed: float | None):
+        def draw_fn(prompt: str, image_steps: float, guidance_scale: float, seed: float | None,
+                    candidates: float = 1):
             seed_int = None if seed is None else _whole(seed, "seed")
+            n = _whole(candidates, "candidates")
+            if n > 1:  # no live canvas: the pick needs every finished drawing
+                image = pipeline.generate_image(prompt or "", steps=_whole(image_steps, "image_steps"),
+                                                guidance_scale=_number(guidance_scale, "guidance_scale"),
+                                                seed=seed_int, candidates=n)
+                (scores,) = pipeline.last_image_scores
+                yield image, (f"{format_stats(pipeline.last_stats)} · best of **{n}** drawings (reading scores "
+                              + ", ".join(f"{x:.1f}" for x in scores) + ")")
+                return
             for state in pipeline.stream_image(prompt or "", steps=_whole(image_steps, "image_steps"),
                                                guidance_scale=_number(guidance_scale, "guidance_scale"), seed=seed_int):
                 progress = f"step {state.step + 1}: {state.unknown} image tokens left to decode"
@@ -308,7 +321,7 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
         question.submit(ask_fn, [ask_image, question, *settings], ask_outputs, api_visibility="private",
                         preprocess=False)
         caption_btn.click(caption_fn, [ask_image, *settings], ask_outputs, api_name="caption", preprocess=False)
-        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed], [drawn, draw_stats], api_name="draw",
+        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed, candidates], [drawn, draw_stats], api_name="draw",
                        preprocess=False)
     return demo
 
