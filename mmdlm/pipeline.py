@@ -179,11 +179,10 @@ class MMDLMPipeline:
             scores = caption_log_likelihoods(self.model, self.processor, drawn, [p.strip() for p in repeated])
         best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
         images = [drawn[i] for i in best]
-        stats = self.last_stats
-        self.last_stats = GenerationStats(forward_passes=stats.forward_passes + calls.count, tokens=stats.tokens,
-                                          tokens_per_forward=stats.tokens_per_forward,
+        passes, tokens = self.last_stats.forward_passes + calls.count, self.last_stats.tokens
+        self.last_stats = GenerationStats(forward_passes=passes, tokens=tokens, tokens_per_forward=tokens / passes,
                                           seconds=time.perf_counter() - start, batch_size=len(prompts))
-        self.last_image_scores = [[scores[j] for j in range(i * n, (i + 1) * n)] for i in range(len(prompts))]
+        self.last_image_scores = [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
         return images if batched else images[0]
 
     def _image_candidates(self, candidates: int | None) -> int:
