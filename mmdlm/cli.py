@@ -183,8 +183,10 @@ def _cmd_draw(args: argparse.Namespace) -> int:
                                 temperature=args.temperature, candidates=args.candidates)
     image.save(args.output)
     stats = pipe.last_stats.to_dict() if pipe.last_stats else None
-    _emit(args, {"prompt": args.prompt, "output": args.output, "size": list(image.size), "stats": stats},
-          f"saved {args.output}")
+    result = {"prompt": args.prompt, "output": args.output, "size": list(image.size), "stats": stats}
+    if pipe.last_image_scores:  # candidates: the reading score of each drawing, the kept one the highest
+        result["candidate_scores"] = pipe.last_image_scores[0]
+    _emit(args, result, f"saved {args.output}")
     return EXIT_OK
 
 

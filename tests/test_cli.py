@@ -98,7 +98,9 @@ def test_draw_writes_a_png(capsys, tiny_model_dir, tmp_path):
                          tiny_model_dir, "--seed", "0", "--image-steps", "2", "--candidates", "3", "--json")
     assert code == 0, err
     # three drawings in one batch (2 passes), then one scoring pass per drawing
-    assert json.loads(out)["stats"]["forward_passes"] == 2 + 3
+    result = json.loads(out)
+    assert result["stats"]["forward_passes"] == 2 + 3
+    assert len(result["candidate_scores"]) == 3 and all(x < 0 for x in result["candidate_scores"])
 
 
 def test_draw_temperature_zero_ignores_the_seed(capsys, tiny_model_dir, tmp_path):
