@@ -88,7 +88,8 @@ def plot_metrics(records: list[dict[str, Any]], out_png: str | os.PathLike, titl
         ax_lr.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # keep half an inch at the top for the title: tight_layout alone lets the first row overlap it
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 if title else 0) / fig.get_figheight()))
     out_png = Path(out_png)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     fig.savefig(tmp, dpi=90)
