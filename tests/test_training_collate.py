@@ -198,6 +198,9 @@ def test_a_stage_can_weigh_the_sources_its_own_way():
     # a source's weight is shared by its tasks as in the recipe's mixture: 2/3 of source d's rows are drawings
     heavy = mixture.reweighted([1.0, 0.0, 6.0]).task_shares()
     assert heavy == pytest.approx({"understanding": (1.0 + 2.0) / 7.0, "t2i": 4.0 / 7.0})
+    assert mixture.source_shares() == pytest.approx({"c": 0.2, "q": 0.2, "d": 0.6})
+    # the stage's weights replace the sources' own (d's 3.0 does not multiply its 6.0)
+    assert mixture.reweighted([1.0, 0.0, 6.0]).source_shares() == pytest.approx({"c": 1 / 7, "q": 0.0, "d": 6 / 7})
     reading = mixture.reweighted([1.0, 0.0, 6.0]).restricted(["understanding"])
     assert {ex["kind"] for step in range(30) for ex in reading.sample(8, 0, step)} == {"caption", "digit"}
     assert sorted(ex["kind"] for ex in reading.drawn_examples()) == ["caption"] * 4 + ["digit"]

@@ -175,7 +175,9 @@ def test_a_stage_draws_with_its_own_source_weights(base, tmp_path, capsys):
     run(base, tmp_path / "reading", d)
     rows = [r for r in read_metrics(tmp_path / "reading" / "metrics.jsonl") if r.get("stage") == "model"]
     assert rows and all("understanding" in r and "t2i" not in r for r in rows if "loss" in r)
-    assert "task shares understanding 1.00" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "task shares understanding 1.00" in out
+    assert "source shares sources[0] (shapes train) 1.000, sources[1] (shapes train) 0.000" in out
     d["stages"][-1]["tasks"] = ["t2i"]  # the source that holds the stage's task is weighed 0
     with pytest.raises(ValueError, match=r"stages\[2\]\.tasks: the stage's tasks \['t2i'\] select no data"):
         run(base, tmp_path / "nothing", d)

@@ -227,6 +227,8 @@ def _denoiser_stage(ctx: RunContext, stage: DenoiserStage, index: int, mixture: 
     n_train = sum(p.numel() for g in groups for p in g["params"])
     ctx.log(f"stage {stage.name!r}: {n_train / 1e6:.2f}M trainable parameters, task shares "
             + ", ".join(f"{k} {v:.2f}" for k, v in mixture.task_shares().items()))
+    ctx.log(f"stage {stage.name!r}: source shares "  # stage source_weights replace the sources' own weights
+            + ", ".join(f"{k} {v:.3f}" for k, v in mixture.source_shares().items()))
     trainer = StageTrainer(acc, model, stage, index, ctx.checkpoint_dir(stage), ctx.metrics, seed, groups,
                            betas=tuple(stage.betas), on_save=ctx.plot,
                            fingerprint=_config_fingerprint(config, processor.tokenizer),

@@ -188,6 +188,13 @@ class Mixture:
                 shares[task] = shares.get(task, 0.0) + float(w)
         return shares
 
+    def source_shares(self) -> dict[str, float]:
+        """Expected fraction of batches drawn from each source, by its name (after any stage reweighting)."""
+        shares = {s.name: 0.0 for s in self.sources}
+        for i, w in zip(self.bucket_sources, self.weights):
+            shares[self.sources[i].name] += float(w)
+        return shares
+
     def reweighted(self, source_weights: Optional[Sequence[float]]) -> "Mixture":
         """The same sources and seed drawn with other source weights, one per source in order (0 leaves a source
         out); ``None``: this mixture itself."""

@@ -119,7 +119,9 @@ class DenoiserStage:
     the length of t2i rows (cheaper on CPU). ``tasks`` restricts the stage to some of the mixture's tasks
     (e.g. ``[understanding]`` for a first stage that only learns to read); ``None`` trains on all of them.
     ``source_weights`` gives the stage its own weight for each of ``data.sources``, in their order (0 leaves a
-    source out of the stage, as LLaVA trains its stages on different data); ``None`` keeps the sources' weights.
+    source out of the stage, as LLaVA trains its stages on different data): they replace the sources' own
+    ``weight`` for that stage (they do not multiply it); ``None`` keeps the sources' weights. Each stage logs the
+    share of batches it draws from each source.
     ``is_causal`` overrides the model's attention for this stage and the model it saves: ``true`` with
     ``loss: {objective: ar}`` for a next-token first stage, then a bidirectional diffusion stage continues from it
     (AR-to-diffusion adaptation, as Dream-7B starts from an AR model). ``ema_decay`` keeps an exponential moving
