@@ -21,7 +21,8 @@ def test_the_trained_model_reads_a_caption_best_on_its_own_scene(shapes_tiny_rea
         scores = caption_log_likelihoods(shapes_tiny_reader.model, shapes_tiny_reader.processor, images,
                                          [s.caption] * len(images))
         assert int(np.argmax(scores)) == samples.index(s), (s.caption, scores)
-        assert max(scores) > -2.0 and sorted(scores)[-2] < max(scores) - 2.0  # nats: not a near tie
+        # nats: the right scene's caption is nearly certain, and no other scene comes close
+        assert max(scores) > -5.0 and sorted(scores)[-2] < max(scores) - 10.0
 
 
 def test_scores_repeat_with_the_seed_and_need_one_text_per_image(tiny_pipeline, example_images):

@@ -161,7 +161,7 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-read-draw-ema",
                                   "experiments/shapes-tiny-read-digits-dropout",
                                   "experiments/shapes-tiny-read-digits-drawn",
-                                  "experiments/shapes-tiny-read-digits-drawn3000"])
+                                  "experiments/shapes-tiny-read-digits-drawn3000", "shapes-tiny-drawn-digits"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -193,12 +193,19 @@ def test_bundled_recipes_load(name):
         assert (drawn["type"], drawn["task"], drawn["path"]) == ("table", "vqa", "runs/drawn-digits/rows.jsonl")
         assert arm["stages"][0].pop("source_weights") == base["stages"][0].pop("source_weights") + [1.0]
         assert arm == base
+    if name == "shapes-tiny-drawn-digits":  # the fifth shipped recipe is round 11's experiment that ran
+        shipped, ran = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits-drawn3000.yaml")
+        assert (shipped.pop("output_dir"), ran.output_dir) == ("runs/shapes-tiny-drawn-digits",
+                                                               "runs/shapes-tiny-read-digits-drawn3000")
+        ran = ran.to_dict()
+        ran.pop("output_dir")
+        assert shipped == ran and shipped["model"]["init_from"] == "runs/shapes-tiny-read/model"
     if name == "experiments/shapes-tiny-read-digits-drawn3000":  # round 10's drawn run, 2 250 more drawings
         arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits-drawn.yaml").to_dict()
         arm.pop("output_dir"), base.pop("output_dir")
         more, first = arm["data"]["sources"].pop(), arm["data"]["sources"][-1]
         assert (more["path"], more["weight"], first["weight"]) == ("runs/drawn-digits-b/rows.jsonl", 0.75, 0.25)
-        first["weight"] = base["data"]["sources"][-1]["weight"]  # the two tables together weigh what one did
+        first["weight"] = base["data"]["sources"][-1]["weight"]  # data weights, replaced by source_weights below
         assert arm["stages"][0].pop("source_weights") == base["stages"][0].pop("source_weights") + [1.0]
         assert arm == base
     if name.endswith("-ema"):  # round 10's A/B: the round-9 run it repeats, plus the moving average
