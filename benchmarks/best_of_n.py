@@ -58,7 +58,9 @@ def plot_curve(curve: dict[str, list[float]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     ax.plot(ks, [100 * x for x in curve["oracle"]], "o--", color="gray", label="oracle (any of the N right)")
     ax.plot(ks, [100 * x for x in curve["picked"]], "o-", color="tab:blue", label="the model's own pick")
-    ax.set(xlabel="drawings per prompt (N)", ylabel="all attributes right (%)", title=title, xticks=ks)
+    ax.set(xlabel="drawings per prompt (N)", ylabel="all attributes right (%)", xticks=ks,
+           ylim=(0, max(5.0, 115 * max(curve["oracle"]))))
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        plot_curve(curve, out / "curve.png", f"{args.model}: best of N by its own reading ({args.split}, "
-                                             f"{args.n} prompts)")
+        plot_curve(curve, out / "curve.png", f"{args.model}: best of N by its own reading\n"
+                                             f"({args.split} split, {args.n} prompts)")
     print_and_save(result, str(out / "result.json") if out else None)
 
 
