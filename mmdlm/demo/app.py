@@ -321,8 +321,8 @@ def build_demo(pipeline: MMDLMPipeline) -> gr.Blocks:
         question.submit(ask_fn, [ask_image, question, *settings], ask_outputs, api_visibility="private",
                         preprocess=False)
         caption_btn.click(caption_fn, [ask_image, *settings], ask_outputs, api_name="caption", preprocess=False)
-        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed, candidates], [drawn, draw_stats], api_name="draw",
-                       preprocess=False)
+        draw_btn.click(draw_fn, [prompt_box, image_steps, guidance, seed, candidates], [drawn, draw_stats],
+                       api_name="draw", preprocess=False)
     return demo
 
 

@@ -53,8 +53,8 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
                     drawing: dict | None = None, seed: int = EVAL_SEED) -> tuple[dict, dict]:
     """VQA accuracy by question type and by the scene's number of objects, caption exact match / per-attribute
     accuracy, and drawing correctness on ``n`` scenes of a Shapes split. ``sampling`` goes to the text sampler,
-    ``drawing`` (``steps``, ``guidance_scale``, ``temperature``, ``candidates``) to ``generate_image``. Returns (metrics, samples
-    for the report grids)."""
+    ``drawing`` (``steps``, ``guidance_scale``, ``temperature``, ``candidates``) to ``generate_image``. Returns
+    (metrics, samples for the report grids)."""
     sampling, drawing = sampling or {}, drawing or {}
     world = ShapesWorld(split, n, seed)
     samples = list(world)
