@@ -161,7 +161,8 @@ def base_dir(name: str) -> str:
                                   "experiments/shapes-tiny-read-draw-ema",
                                   "experiments/shapes-tiny-read-digits-dropout",
                                   "experiments/shapes-tiny-read-digits-drawn",
-                                  "experiments/shapes-tiny-read-digits-drawn3000", "shapes-tiny-drawn-digits"])
+                                  "experiments/shapes-tiny-read-digits-drawn3000", "shapes-tiny-drawn-digits",
+                                  "experiments/shapes-tiny-read-digits-drawn3000-share"])
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -200,6 +201,12 @@ def test_bundled_recipes_load(name):
         ran = ran.to_dict()
         ran.pop("output_dir")
         assert shipped == ran and shipped["model"]["init_from"] == "runs/shapes-tiny-read/model"
+    if name == "experiments/shapes-tiny-read-digits-drawn3000-share":  # the drawings at round 10's share
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits-drawn3000.yaml").to_dict()
+        arm.pop("output_dir"), base.pop("output_dir")
+        weights = arm["stages"][0].pop("source_weights")
+        assert weights[-2:] == [0.25, 0.75] and base["stages"][0].pop("source_weights") == weights[:-2] + [1.0, 1.0]
+        assert arm == base
     if name == "experiments/shapes-tiny-read-digits-drawn3000":  # round 10's drawn run, 2 250 more drawings
         arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-read-digits-drawn.yaml").to_dict()
         arm.pop("output_dir"), base.pop("output_dir")
