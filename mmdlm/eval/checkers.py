@@ -98,7 +98,7 @@ def detect_shapes(image: Image.Image) -> list[dict]:
     return sorted(found, key=lambda d: (d["cell"], d["cx"]))
 
 
-def _objects(target) -> list[dict]:
+def scene_objects(target) -> list[dict]:
     """Normalise a caption, Scene or list of (size, color, shape, cell) tuples to attribute dicts."""
     if isinstance(target, str):
         target = parse_caption(target)
@@ -113,19 +113,26 @@ def _agree(a: dict, b: dict, attr: str) -> bool:
     return a[key] == b[key]
 
 
-def _match_scores(predicted: list[dict], reference: list[dict]) -> dict:
-    """Match predicted objects to reference objects one-to-one (most agreeing attributes first) and report the
-    fraction of reference objects whose match has each attribute right, plus count and all_correct."""
+def match_objects(predicted: Sequence[dict], reference: Sequence[dict]) -> list[tuple[int, int]]:
+    """Pair detected objects with requested ones one-to-one, most agreeing attributes first: (predicted index,
+    reference index) pairs; an object of the longer list may stay unpaired."""
     from scipy.optimize import linear_sum_assignment
 
+    if not predicted or not reference:
+        return []
+    agree = np.array([[sum(_agree(p, r, a) for a in ATTRIBUTES) for r in reference] for p in predicted], float)
+    rows, cols = linear_sum_assignment(-agree)
+    return [(int(i), int(j)) for i, j in zip(rows, cols)]
+
+
+def _match_scores(predicted: list[dict], reference: list[dict]) -> dict:
+    """Match predicted objects to reference objects (`match_objects`) and report the fraction of reference objects
+    whose match has each attribute right, plus count and all_correct."""
     scores = {"count": len(predicted) == len(reference)}
     hits = {a: 0 for a in ATTRIBUTES}
-    if predicted and reference:
-        agree = np.array([[sum(_agree(p, r, a) for a in ATTRIBUTES) for r in reference] for p in predicted], float)
-        rows, cols = linear_sum_assignment(-agree)
-        for i, j in zip(rows, cols):
-            for a in ATTRIBUTES:
-                hits[a] += _agree(predicted[i], reference[j], a)
+    for i, j in match_objects(predicted, reference):
+        for a in ATTRIBUTES:
+            hits[a] += _agree(predicted[i], reference[j], a)
     for a in ATTRIBUTES:
         scores[a] = hits[a] / len(reference) if reference else float(not predicted)
     scores["all_correct"] = bool(scores["count"] and all(scores[a] == 1.0 for a in ATTRIBUTES))
@@ -139,7 +146,7 @@ def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     Returns {"count": bool, "color"/"shape"/"size"/"position": fraction of requested objects drawn with that
     attribute right, "all_correct": bool, "detected": the detector's output}.
     """
-    reference = _objects(caption_or_scene)
+    reference = scene_objects(caption_or_scene)
     detected = detect_shapes(image)
     return {**_match_scores(detected, reference), "detected": detected}
 
@@ -155,9 +162,9 @@ def score_caption(predicted: str, reference) -> dict:
     `exact_match` is True when both describe the same set of objects (the canonical caption is unique for a set,
     so phrase order and spacing do not matter). An unparseable prediction scores `parsed=False` and zeros.
     """
-    ref = _objects(reference)
+    ref = scene_objects(reference)
     try:
-        pred = _objects(parse_caption(predicted))
+        pred = scene_objects(parse_caption(predicted))
     except ValueError:
         return {"parsed": False, "exact_match": False, "count": False, **{a: 0.0 for a in ATTRIBUTES},
                 "all_correct": False}
