@@ -146,23 +146,15 @@ def base_dir(name: str) -> str:
     return "runs/shapes-tiny-" + name.split("shapes-tiny-")[1].removesuffix("-ema")
 
 
-@pytest.mark.parametrize("name", ["shapes-tiny", "tiny-test", "finetune-llava-json", "ar-twin",
-                                  "experiments/shapes-tiny-vq", "experiments/shapes-tiny-a2d",
-                                  "experiments/shapes-tiny-diffusion-only", "experiments/shapes-tiny-continue",
-                                  "experiments/shapes-tiny-continue-arfrac", "experiments/shapes-tiny-codes8",
-                                  "experiments/shapes-tiny-pretrain5000", "experiments/shapes-tiny-switch",
-                                  "experiments/shapes-tiny-shift", "experiments/shapes-tiny-max3050",
-                                  "shapes-tiny-questions", "experiments/shapes-tiny-codepos",
-                                  "experiments/shapes-tiny-tower-tune", "shapes-tiny-polish", "shapes-tiny-read",
-                                  "experiments/shapes-tiny-read-control", "experiments/shapes-tiny-read-digits",
-                                  "experiments/shapes-tiny-digits", "experiments/shapes-tiny-read-draw",
-                                  "experiments/shapes-tiny-read-digits-ema", "experiments/shapes-tiny-read-stroke",
-                                  "experiments/shapes-tiny-read-digits-projector",
-                                  "experiments/shapes-tiny-read-draw-ema",
-                                  "experiments/shapes-tiny-read-digits-dropout",
-                                  "experiments/shapes-tiny-read-digits-drawn",
-                                  "experiments/shapes-tiny-read-digits-drawn3000", "shapes-tiny-drawn-digits",
-                                  "experiments/shapes-tiny-read-digits-drawn3000-share"])
+RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.glob("*.yaml"),
+                                                                          *CONFIGS.glob("experiments/*.yaml")])
+
+
+def test_every_recipe_is_checked():
+    assert {"shapes-tiny", "shapes-tiny-drawn-digits", "tiny-test", "experiments/shapes-tiny-draw-long"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_bundled_recipes_load(name):
     r = load_recipe(CONFIGS / f"{name}.yaml")
     if name == "experiments/shapes-tiny-read-stroke":  # the read recipe, its digit copies with other pen widths
@@ -226,6 +218,13 @@ def test_bundled_recipes_load(name):
         assert base["stages"][0]["ema_decay"] is None
         base["stages"][0].pop("ema_decay"), base["stages"][0].pop("ema_save_raw")
         assert arm == base
+    if name == "experiments/shapes-tiny-draw-long":  # 4 equal drawing stages after the shipped recipe's model
+        d = r.to_dict()
+        assert d["model"]["init_from"] == "runs/shapes-tiny-drawn-digits/model"
+        assert [s.pop("name") for s in d["stages"]] == ["draw1", "draw2", "draw3", "draw4"]
+        assert all(s == d["stages"][0] for s in d["stages"]) and d["stages"][0]["schedule"] == "constant"
+        weights = d["stages"][0]["source_weights"]
+        assert weights[-1] / sum(weights) > 0.8 and d["data"]["sources"][-1]["tasks"] == ["t2i"]
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
         shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
         assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
