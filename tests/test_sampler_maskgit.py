@@ -67,6 +67,34 @@ def test_masked_counts_follow_schedule_and_known_codes_stay(model):
     assert torch.equal(seen[-1], codes) and codes.min() >= 0 and codes.max() < CODES
 
 
+def test_inpainting_keeps_known_codes_and_schedules_each_row_over_its_unknown_slots(model):
+    prompts = [t2i_prompt_ids(model.config, [10, 11, 12]), t2i_prompt_ids(model.config, [20])]
+    init = torch.full((2, N), -1)
+    init[0, :4] = torch.tensor([1, 2, 3, 4])  # row 0 draws 8 slots, row 1 all 12
+    seen = []
+    codes = generate_image_tokens(model, prompts, N, steps=5, guidance_scale=2.0, generator=gen(0), init_codes=init,
+                                  callback=lambda k, c: seen.append(c))
+    assert torch.equal(codes[0, :4], init[0, :4]) and codes.min() >= 0
+    for k, c in enumerate(seen):
+        assert (c < 0).sum(1).tolist() == [cosine_schedule(k, 5, 8), cosine_schedule(k, 5, N)]
+    # Row 1 had nothing known: it draws what it draws without init_codes (the same noise, row by row).
+    plain = generate_image_tokens(model, prompts, N, steps=5, guidance_scale=2.0, generator=[gen(3), gen(4)])
+    mixed = generate_image_tokens(model, prompts, N, steps=5, guidance_scale=2.0, generator=[gen(3), gen(4)],
+                                  init_codes=init)
+    assert torch.equal(plain[1], mixed[1]) and not torch.equal(plain[0], mixed[0])
+    # The known codes condition the rest: the same row with other known codes draws other codes.
+    other = init.clone()
+    other[0, :4] = torch.tensor([9, 9, 9, 9])
+    shifted = generate_image_tokens(model, prompts, N, steps=5, guidance_scale=2.0, generator=[gen(3), gen(4)],
+                                    init_codes=other)
+    assert not torch.equal(shifted[0, 4:], mixed[0, 4:])
+    full = torch.arange(2 * N).reshape(2, N) % CODES
+    assert torch.equal(generate_image_tokens(model, prompts, N, steps=3, init_codes=full), full)
+    for bad, match in ((init[:1], r"\[2, 12\]"), (init + CODES + 1, r"-1 \(to draw\)")):
+        with pytest.raises(ValueError, match=match):
+            generate_image_tokens(model, prompts, N, steps=2, init_codes=bad)
+
+
 def test_image_slots_only_get_image_codes(model):
     V = model.config.vocab_size
 

@@ -73,6 +73,7 @@ def generate_image_tokens(
     generator: Generator = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     uncond_prompt_ids: Optional[Sequence[int]] = None,
+    init_codes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Draw ``num_image_tokens`` image codes per prompt; returns [B, N] codes in [0, codebook_size).
 
@@ -82,7 +83,8 @@ def generate_image_tokens(
     the image codes only, scores it log p + τ_k·Gumbel (τ_k = temperature·(1 − (k+1)/T)), and re-masks the
     :func:`cosine_schedule` lowest-scoring of the slots that were masked (known slots stay). Temperature 0 is
     argmax. ``callback(k, codes)`` gets [B, N] codes with −1 where still masked. A list of generators (one per
-    row) makes each row's result independent of the batch.
+    row) makes each row's result independent of the batch. ``init_codes`` ([B, N], −1 where to draw) inpaints:
+    the known codes stay and each row's schedule runs over its own unknown slots only.
     """
     config = model.config
     if getattr(config, "is_causal", False):
@@ -119,6 +121,16 @@ def generate_image_tokens(
     slots = torch.arange(L - N - 1, L - 1, device=device)  # image slots sit just before <|eoi|> in every row
     keep = slots[None].expand(ids.shape[0], -1)
     codes = torch.full((B, N), -1, dtype=torch.long, device=device)
+    if init_codes is not None:
+        if tuple(init_codes.shape) != (B, N):
+            raise ValueError(f"init_codes must be [prompts, num_image_tokens] = [{B}, {N}], got "
+                             f"{list(init_codes.shape)}; use -1 for the slots to draw.")
+        if bool(((init_codes < -1) | (init_codes >= codebook)).any()):
+            raise ValueError(f"init_codes must hold image codes in [0, {codebook}) or -1 (to draw).")
+        codes = init_codes.to(device=device, dtype=torch.long).clone()
+        tokens = torch.where(codes >= 0, codes + offset, mask_id)
+        ids[:, L - N - 1 : L - 1] = tokens.repeat(2, 1) if guidance_scale > 0 else tokens
+    to_draw = (codes < 0).sum(1).tolist()
 
     for k in range(steps):
         logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep).logits
@@ -140,9 +152,9 @@ def generate_image_tokens(
         if tau > 0:
             confidence = confidence + tau * -torch.log(-torch.log(rand_rows((B, N), generator, device, torch.float64)))
         confidence = confidence.masked_fill(~unknown, float("inf"))  # known slots are never re-masked
-        n_mask = cosine_schedule(k, steps, N)
+        n_mask = torch.tensor([cosine_schedule(k, steps, m) if m else 0 for m in to_draw], device=device)
         rank = confidence.argsort(dim=1, stable=True).argsort(dim=1)
-        codes = torch.where(rank < n_mask, -1, sampled)
+        codes = torch.where(rank < n_mask[:, None], -1, sampled)
         tokens = torch.where(codes >= 0, codes + offset, mask_id)
         ids[:B, L - N - 1 : L - 1] = tokens
         if guidance_scale > 0:
