@@ -53,16 +53,16 @@ def check_object(image: Any, scene: Any, index: int) -> dict[str, bool]:
 
 @torch.no_grad()
 def inpaint_objects(pipe: Any, samples: Sequence[Any], steps: int | None, batch_size: int = 32,
-                    seed: int = 0) -> list[dict[str, Any]]:
+                    seed: int = 0, guidance_scale: float | None = None) -> list[dict[str, Any]]:
     """One row per object of each sample: its codes masked and redrawn in ``steps`` MaskGIT steps (``None``: the
-    tokenizer's reconstruction, nothing redrawn), then checked. Rows also carry the object's requested size and
-    shape and its number of masked codes."""
+    tokenizer's reconstruction, nothing redrawn) at ``guidance_scale`` (``None``: the model's generation config),
+    then checked. Rows also carry the object's requested size and shape and its number of masked codes."""
     from mmdlm.sampling.maskgit import generate_image_tokens
 
     model, vq = pipe.model, pipe.model.image_tokenizer
     rows = [(s, j) for s in samples for j in range(len(s.scene.shapes))]
     out: list[dict[str, Any]] = []
-    guidance = getattr(pipe.generation_config, "guidance_scale", 3.5)
+    guidance = getattr(pipe.generation_config, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -95,9 +95,15 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes-tiny", help="bundled model name or saved mmdlm model folder")
-    ap.add_argument("--split", default="test", choices=["test", "compositional"], help="Shapes split (default test)")
+    ap.add_argument("--split", default="test", choices=["train", "test", "compositional"],
+                    help="Shapes split (default test); train with --scene-seed 0 gives scenes the recipes drew from")
+    ap.add_argument("--scene-seed", type=int, default=None,
+                    help="seed of the split's scenes (default: mmdlm eval's; a shapes source's seed, 0 by default, "
+                    "for train scenes the model learned from)")
     ap.add_argument("--n", type=int, default=100, help="scenes of the split; every object of each is probed")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 16], help="MaskGIT steps per arm (default 1 16)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance of the redraws (default: the model's generation config)")
     ap.add_argument("--batch-size", type=int, default=32, help="objects redrawn per call (default 32)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--out", default=None, help="folder for result.json")
@@ -112,15 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     pipe = mmdlm.load(args.model)
     if not getattr(pipe.model.config, "can_draw_images", False) or getattr(pipe.model.config, "is_causal", False):
         ap.error(f"{args.model} cannot inpaint: it needs an image tokenizer and a bidirectional denoiser")
-    samples = list(ShapesWorld(args.split, args.n, EVAL_SEED))
+    scene_seed = EVAL_SEED if args.scene_seed is None else args.scene_seed
+    samples = list(ShapesWorld(args.split, args.n, scene_seed))
     arms: dict[str, Any] = {}
     for steps in [None, *args.steps]:
         start = time.perf_counter()
-        rows = inpaint_objects(pipe, samples, steps, args.batch_size, args.seed)
+        rows = inpaint_objects(pipe, samples, steps, args.batch_size, args.seed, args.guidance_scale)
         name = "reconstruction" if steps is None else f"inpaint_{steps}_steps"
         arms[name] = {**summarize(rows), "seconds": round(time.perf_counter() - start, 1)}
     codes = [r["codes"] for r in rows]
-    result = {"model": args.model, "split": args.split, "scenes": args.n, "objects": len(rows),
+    guidance = args.guidance_scale if args.guidance_scale is not None else pipe.generation_config.guidance_scale
+    result = {"model": args.model, "split": args.split, "scene_seed": scene_seed, "scenes": args.n,
+              "guidance_scale": guidance, "objects": len(rows),
               "masked_codes_per_object": {"mean": sum(codes) / len(codes), "max": max(codes)}, "arms": arms}
     print_and_save(result, str(Path(args.out) / "result.json") if args.out else None)
 

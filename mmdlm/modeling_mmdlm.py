@@ -358,6 +358,23 @@ class MMDLMForConditionalGeneration(MMDLMGenerationMixin, MMDLMPreTrainedModel):
             self.image_tokenizer = _keep_init(VQImageTokenizer(VQConfig(**config.image_tokenizer_config)))
         self.post_init()
 
+    def set_image_tokenizer(self, vq: nn.Module) -> None:
+        """Draw through another trained VQ image tokenizer with this model's codebook size (its code embeddings
+        then mean other pictures: train drawing again). A 'vq' vision tower keeps its own copy of the encoder."""
+        import dataclasses
+
+        if not self.config.can_draw_images:
+            raise ValueError("this model has no image codes in its vocabulary (codebook_size 0); it cannot draw.")
+        if vq.codebook_size != self.config.codebook_size:
+            raise ValueError(f"the image tokenizer has {vq.codebook_size} codes but this model's vocabulary holds "
+                             f"{self.config.codebook_size}; train one with codebook_size {self.config.codebook_size}.")
+        if self.config.image_code_positions and vq.num_tokens != self.config.num_image_tokens:
+            raise ValueError(f"the image tokenizer draws {vq.num_tokens} codes but this model's code-position table "
+                             f"has {self.config.num_image_tokens}; use a tokenizer with the same grid.")
+        self.config.image_tokenizer_config = {**dataclasses.asdict(vq.config),
+                                              "channel_mult": list(vq.config.channel_mult)}
+        self.image_tokenizer = vq
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 

@@ -139,3 +139,38 @@ def test_ink_weight_upweights_non_white_pixels(tmp_path):
         assert torch.allclose(inked(dot)["recon_loss"], expected) and expected > out["recon_loss"]
     inked.save_pretrained(tmp_path)
     assert VQImageTokenizer.from_pretrained(tmp_path).config.ink_weight == 10.0
+
+
+def _one_square(corner: bool) -> torch.Tensor:
+    img = torch.ones(1, 3, 64, 64)
+    if corner:
+        img[:, :, 4:13, 4:13] = torch.tensor([0.86, 0.16, 0.16])[:, None, None]
+    return img
+
+
+def test_pixel_norm_keeps_codes_local_and_group_norm_does_not():
+    # One small square in the top-left corner: with per-position normalisation the codes of the far half of the
+    # canvas stay those of a blank one; GroupNorm's image-wide statistics move codes everywhere.
+    changed = {}
+    for norm in ("pixel", "group"):
+        torch.manual_seed(0)
+        vq = VQImageTokenizer(VQConfig(base_channels=16, embed_dim=8, codebook_size=64, norm=norm)).eval()
+        blank_and_square = torch.cat([_one_square(False), _one_square(True)])
+        vq.train()(blank_and_square)  # data-dependent codebook init, so the codes are not all one
+        vq.eval()
+        codes = vq.encode(blank_and_square)
+        changed[norm] = (codes[0] != codes[1])
+    assert changed["pixel"][:4, :4].any() and not changed["pixel"][8:, :].any() and not changed["pixel"][:, 8:].any()
+    assert changed["group"][8:, 8:].any()
+    with pytest.raises(ValueError, match="norm must be one of"):
+        VQConfig(norm="batch")
+
+
+def test_pixel_norm_survives_save_and_load(tmp_path):
+    torch.manual_seed(2)
+    vq = VQImageTokenizer(VQConfig(image_size=16, base_channels=8, embed_dim=8, codebook_size=32, norm="pixel"))
+    imgs = _synthetic(4)
+    vq.train()(imgs)
+    vq.eval().save_pretrained(tmp_path)
+    again = VQImageTokenizer.from_pretrained(tmp_path)
+    assert again.config.norm == "pixel" and torch.equal(again.encode(imgs), vq.encode(imgs))

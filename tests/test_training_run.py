@@ -205,6 +205,27 @@ def test_init_from_adds_code_positions_to_a_saved_model_and_trains_them(straight
     assert config["image_code_positions"] is True and config["residual_dropout"] == 0.1  # replaced the loaded 0.0
 
 
+def test_init_from_draws_through_another_image_tokenizer(straight, tmp_path):
+    vq_run = recipe_dict()
+    vq_run["model"]["image_tokenizer"]["norm"] = "pixel"
+    vq_run["stages"] = vq_run["stages"][:1]
+    train(recipe_from_dict(vq_run), output_dir=tmp_path / "vq", cpu=True)
+    d = recipe_dict(steps=1, tasks=["t2i"])
+    d["model"] = {"init_from": str(straight), "image_tokenizer_path": str(tmp_path / "vq" / "image_tokenizer")}
+    d["stages"] = d["stages"][2:]
+    final = train(recipe_from_dict(d), output_dir=tmp_path / "draw", cpu=True)
+    assert json.loads((final / "config.json").read_text())["image_tokenizer_config"]["norm"] == "pixel"
+    theirs, ours = weights(tmp_path / "vq" / "image_tokenizer"), weights(final)
+    assert all(torch.equal(ours[f"image_tokenizer.{k}"], v) for k, v in theirs.items())  # swapped in, not trained
+    assert not torch.equal(weights(straight)["image_tokenizer.embedding"], theirs["embedding"])
+    # Another codebook size cannot replace the model's image codes.
+    vq_run["model"]["image_tokenizer"]["codebook_size"] = 8
+    train(recipe_from_dict(vq_run), output_dir=tmp_path / "vq8", cpu=True)
+    d["model"]["image_tokenizer_path"] = str(tmp_path / "vq8" / "image_tokenizer")
+    with pytest.raises(ValueError, match="8 codes but this model's vocabulary holds 16"):
+        train(recipe_from_dict(d), output_dir=tmp_path / "draw8", cpu=True)
+
+
 def test_training_reduces_the_loss(base, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("a large red circle at the center.\na small blue square at the top left.\n")

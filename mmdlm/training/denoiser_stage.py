@@ -329,6 +329,11 @@ def _initial_model(ctx: RunContext, tokenizer: Any, vq: Any, index: int, tower_f
             ctx.log("model.image_code_positions: added zero code-position embeddings to the loaded model")
         if m.residual_dropout is not None:
             model.config.residual_dropout = m.residual_dropout  # read by every block at each training forward
+        if m.image_tokenizer_path is not None:
+            _, vq = _resolve_tokenizers(ctx, processor.tokenizer, None)
+            model.set_image_tokenizer(vq.to(next(model.parameters()).device))
+            ctx.log(f"model.image_tokenizer_path: drawing through the image tokenizer at {m.image_tokenizer_path} "
+                    f"(norm {vq.config.norm}) instead of the loaded model's")
         return model, processor
     tokenizer, vq = _resolve_tokenizers(ctx, tokenizer, vq)
     model, processor = _fresh_model(m, ctx.recipe.seed, tokenizer, vq, index)

@@ -26,7 +26,8 @@ class ModelRecipe:
     ``generation`` holds decoding defaults saved with the model as ``generation_config.json``
     (:class:`mmdlm.generation_config.MMDLMGenerationConfig` fields such as ``gen_length``, ``steps``).
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
-    tokenizer are reused and the size fields here are ignored. ``vision_tower_from`` copies only the vision
+    tokenizer are reused (``image_tokenizer_path`` given: that image tokenizer replaces the saved one, with the
+    same codebook size, and drawing must be learned again) and the size fields here are ignored. ``vision_tower_from`` copies only the vision
     tower's weights from a saved mmdlm model folder with the same ``vision_tower`` config (e.g. the
     ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's.
     ``shift_logits`` reads position i's prediction from the output at i - 1 (Dream / Dimple): a causal first stage's

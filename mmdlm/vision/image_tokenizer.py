@@ -23,6 +23,7 @@ from .image_processing import load_image
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MODEL_TYPE = "mmdlm_vq_image_tokenizer"
+NORMS = ("group", "pixel")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class VQConfig:
     ema_decay: float = 0.99
     ink_weight: float = 0.0  # extra reconstruction weight on non-white pixels (line art, Shapes, digits); 0 = plain MSE
     dead_code_threshold: float = 0.03  # EMA usage below this (codes per batch) -> restart the code from the data
+    # "group": GroupNorm, whose statistics span the whole image, so every code depends on every object (one small
+    # shape changes most of a 16x16 grid); "pixel": each position normalised over its channels alone, so a code
+    # depends only on the pixels its convolutions see, and blank canvas is the same codes wherever it is.
+    norm: str = "group"
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -54,6 +59,8 @@ class VQConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
     @property
     def grid_side(self) -> int:
@@ -61,15 +68,28 @@ class VQConfig:
         return self.image_size // 2 ** len(self.channel_mult)
 
 
-def _norm(ch: int) -> nn.GroupNorm:
+class PixelNorm(nn.Module):
+    """Layer norm over the channels of each position (with a learned scale and shift per channel)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(ch)), nn.Parameter(torch.zeros(ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def _norm(ch: int, kind: str = "group") -> nn.Module:
+    if kind == "pixel":
+        return PixelNorm(ch)
     return nn.GroupNorm(next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0), ch)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, norm: str = "group"):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin, norm), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout, norm), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +106,12 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         for mult in c.channel_mult:
             for _ in range(c.num_res_blocks):
-                layers.append(ResBlock(ch, c.base_channels * mult))
+                layers.append(ResBlock(ch, c.base_channels * mult, c.norm))
                 ch = c.base_channels * mult
             layers.append(nn.Conv2d(ch, ch, 4, stride=2, padding=1))  # exact halving
         self.down = nn.Sequential(*layers)
-        self.mid = ResBlock(ch, ch)
-        self.norm_out, self.conv_out = _norm(ch), nn.Conv2d(ch, c.embed_dim, 1)
+        self.mid = ResBlock(ch, ch, c.norm)
+        self.norm_out, self.conv_out = _norm(ch, c.norm), nn.Conv2d(ch, c.embed_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.down(self.conv_in(x)))
@@ -103,15 +123,15 @@ class Decoder(nn.Module):
         super().__init__()
         ch = c.base_channels * c.channel_mult[-1]
         self.conv_in = nn.Conv2d(c.embed_dim, ch, 3, padding=1)
-        self.mid = ResBlock(ch, ch)
+        self.mid = ResBlock(ch, ch, c.norm)
         layers: list[nn.Module] = []
         for mult in reversed(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers.append(ResBlock(ch, c.base_channels * mult))
+                layers.append(ResBlock(ch, c.base_channels * mult, c.norm))
                 ch = c.base_channels * mult
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
         self.up = nn.Sequential(*layers)
-        self.norm_out, self.conv_out = _norm(ch), nn.Conv2d(ch, c.in_channels, 3, padding=1)
+        self.norm_out, self.conv_out = _norm(ch, c.norm), nn.Conv2d(ch, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.up(self.mid(self.conv_in(z)))
