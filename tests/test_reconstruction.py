@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmdlm.eval.reconstruction import load_image_tokenizer, main, score_reconstructions
+from mmdlm.data.shapes import ShapesWorld
+from mmdlm.eval.reconstruction import code_locality, load_image_tokenizer, main, score_reconstructions
 from mmdlm.vision.image_tokenizer import VQConfig, VQImageTokenizer
 
 
@@ -44,7 +45,8 @@ def test_an_untrained_tokenizer_scores_below_a_lossless_one(tmp_path):
     vq.save_pretrained(tmp_path / "vq")
     out = tmp_path / "ceiling.json"
     assert main([str(tmp_path / "vq"), "--splits", "test", "--n", "8", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["test"]["t2i_all_correct"] < 0.5
+    result = json.loads(out.read_text())
+    assert result["test"]["t2i_all_correct"] < 0.5 and result["locality"]["codes"] == 256
     assert isinstance(load_image_tokenizer(str(tmp_path / "vq")), VQImageTokenizer)
 
 
@@ -53,3 +55,15 @@ def test_bad_arguments_are_refused():
         score_reconstructions(PixelCodec(), splits=["train"])
     with pytest.raises(ValueError, match="n must be"):
         score_reconstructions(PixelCodec(), n=0)
+
+
+def test_code_locality_tells_a_per_position_norm_from_group_norm():
+    scenes = [s.image for s in ShapesWorld("test", 16, 0)]
+    found = {}
+    for norm in ("pixel", "group"):
+        torch.manual_seed(0)
+        vq = VQImageTokenizer(VQConfig(base_channels=16, embed_dim=8, codebook_size=64, norm=norm))
+        vq.train()(vq.preprocess(scenes))  # data-dependent codebook init: codes differ between patches
+        found[norm] = code_locality(vq)
+    assert found["pixel"]["moved_by_one_small_shape"] > 0 and found["pixel"]["moved_far_away"] == 0
+    assert found["group"]["moved_far_away"] > 10

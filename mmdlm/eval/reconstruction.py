@@ -63,6 +63,36 @@ def score_reconstructions(vq: Any, *, splits: Sequence[str] = SPLITS, n: int = 2
     return results
 
 
+@torch.no_grad()
+def code_locality(vq: Any, far: int = 5) -> dict[str, float]:
+    """How local ``vq``'s codes are: one small red circle drawn at the centre of each of the 9 Shapes cells of a
+    blank canvas; per drawing, the codes that differ from the blank canvas's, and those of them more than ``far``
+    codes (Chebyshev) from the circle's patches, which a local tokenizer leaves alone (the default encoder sees
+    40 px, so no code more than 5 codes away from a shape sees it). Means over the 9 drawings."""
+    from ..data.shapes import COLORS, IMAGE_SIZE, Scene, Shape, render_scene
+
+    vq.eval()
+    device = next(vq.parameters()).device
+    h, w = vq.grid_size
+    patch, third = IMAGE_SIZE / w, IMAGE_SIZE / 3
+    circles = [Shape("circle", "red", "small", cell, (cell % 3 + 0.5) * third, (cell // 3 + 0.5) * third, 9.0,
+                     COLORS["red"]) for cell in range(9)]
+    images = [render_scene(Scene([]))] + [render_scene(Scene([c])) for c in circles]
+    codes = vq.encode(vq.preprocess(images).to(device)).cpu()
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    moved, moved_far = [], []
+    for circle, c in zip(circles, codes[1:]):
+        lo = [int((v - circle.diameter / 2) // patch) for v in (circle.cx, circle.cy)]
+        hi = [int((v + circle.diameter / 2) // patch) for v in (circle.cx, circle.cy)]
+        dx = (lo[0] - cols).clamp(min=0) + (cols - hi[0]).clamp(min=0)
+        dy = (lo[1] - rows).clamp(min=0) + (rows - hi[1]).clamp(min=0)
+        changed = c != codes[0]
+        moved.append(int(changed.sum()))
+        moved_far.append(int((changed & (torch.maximum(dx, dy) > far)).sum()))
+    return {"codes": h * w, "far": far, "moved_by_one_small_shape": sum(moved) / len(moved),
+            "moved_far_away": sum(moved_far) / len(moved_far)}
+
+
 def load_image_tokenizer(name_or_path: str) -> Any:
     """A VQ image tokenizer folder (written by its ``save_pretrained``), or the image tokenizer inside a model
     (bundled name or model folder)."""
@@ -93,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="scenes per Shapes split and max digits (default 200)")
     p.add_argument("--out", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
-    results = score_reconstructions(load_image_tokenizer(args.tokenizer), splits=args.splits, n=args.n)
+    vq = load_image_tokenizer(args.tokenizer)
+    results = score_reconstructions(vq, splits=args.splits, n=args.n)
     for split, r in results.items():
         if split == "digits":
             print(f"digits (n={r['n']}): reconstructions recognised {r['drawn_digit_accuracy']:.1%} "
@@ -101,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             attrs = ", ".join(f"{a} {v:.1%}" for a, v in r["t2i_attribute_accuracy"].items())
             print(f"{split} (n={r['n']}): all attributes right {r['t2i_all_correct']:.1%} ({attrs})")
+    results["locality"] = locality = code_locality(vq)
+    print(f"locality: one small shape changes {locality['moved_by_one_small_shape']:.1f} of {locality['codes']} "
+          f"codes, {locality['moved_far_away']:.1f} of them more than {locality['far']} codes away")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
