@@ -31,8 +31,8 @@ def tally_objects(images: Sequence[Any], scenes: Sequence[Any]) -> dict[str, Any
     """Per requested object of each scene: was it found, and with which shape, colour, size and cell.
 
     Returns ``confusion`` ({size: [requested shape][detected shape or missed] counts}), ``by_size_shape`` (the
-    fraction drawn with the right shape, per size and shape), ``by_size`` (per size: found, and right shape /
-    colour / cell / size among all its requested objects) and ``by_objects`` (the fraction of objects drawn with
+    fraction drawn with the right shape, per size and shape), ``by_size`` (per size and for "all": found, and right
+    shape / colour / cell / size among all its requested objects) and ``by_objects`` (the fraction of objects drawn with
     every attribute right, by the number of objects in the scene), each with its ``n``.
     """
     from mmdlm.eval.checkers import detect_shapes, match_objects, scene_objects
@@ -62,7 +62,8 @@ def tally_objects(images: Sequence[Any], scenes: Sequence[Any]) -> dict[str, Any
         "by_size_shape": {s: {shape: _rate(m[i, i], m[i].sum()) for i, shape in enumerate(SHAPES)}
                           for s, m in confusion.items()},
         "by_size": {s: {"n": len(c["found"]), **{k: _rate(sum(v), len(v)) for k, v in c.items()}}
-                    for s, c in per_size.items()},
+                    for s, c in [*per_size.items(), ("all", {k: per_size["small"][k] + per_size["large"][k]
+                                                              for k in per_size["small"]})]},
         "by_objects": {str(k): {"n": len(v), "all_right": _rate(sum(v), len(v))} for k, v in sorted(per_count.items())},
     }
 

@@ -40,8 +40,12 @@ def test_real_renders_tally_as_drawn_right(scenes):
         diagonal = sum(c[i][i] for i in range(len(drawing_errors.SHAPES)))
         assert diagonal >= 0.95 * sum(map(sum, c)), (size, c)
         assert all(row[-1] == 0 for row in c), f"{size}: a real render's object was reported missed"
-    for size, r in result["by_size"].items():
+    for size in drawing_errors.SIZES:
+        r = result["by_size"][size]
         assert r["n"] == sum(map(sum, counts[size])) and r["found"] == 1.0 and r["color"] >= 0.95
+    both = result["by_size"]["all"]
+    assert both["n"] == objects and both["shape"] == pytest.approx(
+        sum(result["by_size"][s]["shape"] * result["by_size"][s]["n"] for s in drawing_errors.SIZES) / objects)
     assert sum(v["n"] for v in result["by_objects"].values()) == objects
 
 
@@ -78,7 +82,7 @@ def test_main_scores_drawings_like_the_eval_and_writes_the_plot(tiny_pipeline, t
     assert result["confusion"] == expected["confusion"]
     found = sum(len(match_objects(detect_shapes(im), scene_objects(s.scene))) for im, s in zip(drawn, samples))
     requested = sum(len(s.scene.shapes) for s in samples)
-    found_rate = sum(r["found"] * r["n"] for r in result["by_size"].values()) / requested
+    found_rate = result["by_size"]["all"]["found"]
     assert found_rate == pytest.approx(found / requested)
     with Image.open(tmp_path / "confusion.png") as im:
         assert im.format == "PNG" and im.size[0] > 500
