@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from json_report import print_and_save  # noqa: E402
+from json_report import add_shapes_arguments, print_and_save, save_figure  # noqa: E402
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position")
 
@@ -63,16 +63,12 @@ def plot_curve(curve: dict[str, list[float]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes-tiny", help="bundled model name or saved mmdlm model folder")
-    ap.add_argument("--split", default="test", choices=["test", "compositional"], help="Shapes split (default test)")
-    ap.add_argument("--n", type=int, default=100, help="prompts (scenes of the split; default 100)")
+    add_shapes_arguments(ap, "prompts (scenes of the split; default 100)")
     ap.add_argument("--candidates", type=int, default=8, help="drawings per prompt, N (default 8)")
     ap.add_argument("--batch-size", type=int, default=25, help="prompts drawn per call (default 25)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first call (default 0)")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from json_report import print_and_save  # noqa: E402
+from json_report import add_shapes_arguments, print_and_save, save_figure  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
@@ -93,16 +93,12 @@ def plot_confusion(result: dict[str, Any], path: Path, title: str) -> None:
         ax.set_ylabel("requested", fontsize=8)
         ax.set_title(f"{size} ({int(counts.sum())} objects), % of row", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes-tiny", help="bundled model name or saved mmdlm model folder")
-    ap.add_argument("--split", default="test", choices=["test", "compositional"], help="Shapes split (default test)")
-    ap.add_argument("--n", type=int, default=100, help="scenes of the split (default 100)")
+    add_shapes_arguments(ap, "scenes of the split (default 100)")
     ap.add_argument("--batch-size", type=int, default=32, help="prompts drawn per call (default 32, as mmdlm eval)")
     ap.add_argument("--reconstructions", action="store_true",
                     help="score the model's image tokenizer's reconstructions of the real images instead of drawings")

@@ -1,4 +1,5 @@
-"""What the diagnostic scripts of benchmarks/ share: print a result as JSON and, when asked, save it."""
+"""What the diagnostic scripts of benchmarks/ share: print a result as JSON (and save it when asked), their Shapes
+arguments and figure saving."""
 
 from __future__ import annotations
 
@@ -14,3 +15,19 @@ def print_and_save(result: dict[str, Any], out: Optional[str], indent: int = 2) 
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+def add_shapes_arguments(ap: Any, n_help: str) -> None:
+    """The arguments every Shapes drawing diagnostic takes: ``--model``, ``--split`` and ``--n``."""
+    ap.add_argument("--model", default="shapes-tiny", help="bundled model name or saved mmdlm model folder")
+    ap.add_argument("--split", default="test", choices=["test", "compositional"], help="Shapes split (default test)")
+    ap.add_argument("--n", type=int, default=100, help=n_help)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
