@@ -225,6 +225,13 @@ def test_bundled_recipes_load(name):
         assert all(s == d["stages"][0] for s in d["stages"]) and d["stages"][0]["schedule"] == "constant"
         weights = d["stages"][0]["source_weights"]
         assert weights[-1] / sum(weights) > 0.8 and d["data"]["sources"][-1]["tasks"] == ["t2i"]
+    if name == "experiments/shapes-tiny-vq-pixel":  # an image tokenizer only: shapes-tiny's with per-position norms
+        shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
+        assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
+        assert r.data.sources == shipped.data.sources
+        vq, ours = dict(r.model.image_tokenizer), dict(shipped.model.image_tokenizer)
+        assert vq.pop("norm") == "pixel" and "norm" not in ours and vq == ours
+        return
     if name == "experiments/shapes-tiny-codes8":  # an image tokenizer only: shapes-tiny's with one more level
         shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
         assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
