@@ -27,9 +27,10 @@ class ModelRecipe:
     (:class:`mmdlm.generation_config.MMDLMGenerationConfig` fields such as ``gen_length``, ``steps``).
     ``init_from`` starts from a saved mmdlm model folder (fine-tuning); its tokenizer, processor and image
     tokenizer are reused (``image_tokenizer_path`` given: that image tokenizer replaces the saved one, with the
-    same codebook size, and drawing must be learned again) and the size fields here are ignored. ``vision_tower_from`` copies only the vision
-    tower's weights from a saved mmdlm model folder with the same ``vision_tower`` config (e.g. the
-    ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA starts from CLIP's.
+    same codebook size, and drawing must be learned again) and the size fields here are ignored.
+    ``vision_tower_from`` copies only the vision tower's weights from a saved mmdlm model folder with the same
+    ``vision_tower`` config (e.g. the ``vision_pretrain`` output of another run): a pretrained tower, as LLaVA
+    starts from CLIP's.
     ``shift_logits`` reads position i's prediction from the output at i - 1 (Dream / Dimple): a causal first stage's
     next-token head then keeps its meaning after the switch to diffusion. ``image_slot_embeddings`` adds a learned
     embedding per image slot to the projected features, so that what is read from a slot says where it is.
