@@ -35,7 +35,7 @@ def tally_objects(images: Sequence[Any], scenes: Sequence[Any]) -> dict[str, Any
     shape / colour / cell / size among all its requested objects) and ``by_objects`` (the fraction of objects drawn with
     every attribute right, by the number of objects in the scene), each with its ``n``.
     """
-    from mmdlm.eval.checkers import detect_shapes, match_objects, scene_objects
+    from mmdlm.eval.checkers import check_objects, scene_objects
 
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes: give one image per scene")
@@ -44,18 +44,13 @@ def tally_objects(images: Sequence[Any], scenes: Sequence[Any]) -> dict[str, Any
                                                   for s in SIZES}
     per_count: dict[int, list[bool]] = {}
     for image, scene in zip(images, scenes):
-        wanted, found = scene_objects(scene), detect_shapes(image)
-        paired = {j: found[i] for i, j in match_objects(found, wanted)}
-        for j, obj in enumerate(wanted):
-            got = paired.get(j)
-            row, size = SHAPES.index(obj["shape"]), obj["size"]
-            confusion[size][row, DETECTED.index(got["shape"] if got else "missed")] += 1
-            checks = per_size[size]
-            checks["found"].append(got is not None)
-            for attr, key in (("shape", "shape"), ("color", "color"), ("position", "cell"), ("size", "size")):
-                checks[attr].append(got is not None and got[key] == obj[key])
-            per_count.setdefault(len(wanted), []).append(
-                got is not None and all(got[k] == obj[k] for k in ("shape", "color", "cell", "size")))
+        wanted = scene_objects(scene)
+        for obj, result in zip(wanted, check_objects(image, scene)):
+            got, size = result["detected"], obj["size"]
+            confusion[size][SHAPES.index(obj["shape"]), DETECTED.index(got["shape"] if got else "missed")] += 1
+            for k, checks in per_size[size].items():
+                checks.append(result[k])
+            per_count.setdefault(len(wanted), []).append(result["all_right"])
     return {
         "confusion": {s: {"rows_requested": list(SHAPES), "columns_detected": list(DETECTED), "counts": m.tolist()}
                       for s, m in confusion.items()},

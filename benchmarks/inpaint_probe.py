@@ -39,16 +39,10 @@ def object_mask(obj: Any, grid: int, image_size: int = 64, margin: float = 2.0) 
 
 def check_object(image: Any, scene: Any, index: int) -> dict[str, bool]:
     """The checker's reading of object ``index`` of ``scene`` in ``image`` (paired as the eval pairs objects)."""
-    from mmdlm.eval.checkers import detect_shapes, match_objects, scene_objects
+    from mmdlm.eval.checkers import check_objects
 
-    wanted, found = scene_objects(scene), detect_shapes(image)
-    got = {j: found[i] for i, j in match_objects(found, wanted)}.get(index)
-    obj = wanted[index]
-    result = {"found": got is not None}
-    for attr, key in (("shape", "shape"), ("color", "color"), ("size", "size"), ("position", "cell")):
-        result[attr] = got is not None and got[key] == obj[key]
-    result["all_right"] = all(result[a] for a in ("shape", "color", "size", "position"))
-    return result
+    result = check_objects(image, scene)[index]
+    return {c: result[c] for c in CHECKS}
 
 
 @torch.no_grad()

@@ -151,6 +151,20 @@ def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     return {**_match_scores(detected, reference), "detected": detected}
 
 
+def check_objects(image: Image.Image, caption_or_scene) -> list[dict]:
+    """Each requested object of a prompt, read back from ``image`` as `score_drawn_scene` pairs objects: per object
+    ``found``, ``color`` / ``shape`` / ``size`` / ``position`` (right or not), ``all_right`` and ``detected`` (the
+    paired detection, or None)."""
+    wanted, found = scene_objects(caption_or_scene), detect_shapes(image)
+    paired = {j: found[i] for i, j in match_objects(found, wanted)}
+    results = []
+    for j, obj in enumerate(wanted):
+        got = paired.get(j)
+        checks = {a: got is not None and _agree(got, obj, a) for a in ATTRIBUTES}
+        results.append({"found": got is not None, **checks, "all_right": all(checks.values()), "detected": got})
+    return results
+
+
 def normalize_answer(answer: str) -> str:
     """A short answer as it is compared with the reference: trimmed, without a final full stop, lower case."""
     return answer.strip().rstrip(".").lower()
