@@ -225,6 +225,17 @@ def test_bundled_recipes_load(name):
         assert all(s == d["stages"][0] for s in d["stages"]) and d["stages"][0]["schedule"] == "constant"
         weights = d["stages"][0]["source_weights"]
         assert weights[-1] / sum(weights) > 0.8 and d["data"]["sources"][-1]["tasks"] == ["t2i"]
+    if name == "experiments/shapes-tiny-draw-pixel-2k":  # round 13: draw-pixel-more's stage again, longer, on its model
+        arm, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-draw-pixel-more.yaml").to_dict()
+        assert (arm.pop("output_dir"), base.pop("output_dir")) == ("runs/shapes-tiny-draw-pixel-2k",
+                                                                   "runs/shapes-tiny-draw-pixel-more")
+        assert arm["model"].pop("init_from") == "runs/shapes-tiny-draw-pixel-more/model"
+        base["model"].pop("init_from")
+        ours, theirs = arm["stages"][0], base["stages"][0]
+        assert {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]} == {"steps": (2000, 1200),
+                                                                                 "eval_every": (500, 300)}
+        arm["stages"], base["stages"] = [], []
+        assert arm == base
     if name == "experiments/shapes-tiny-vq-pixel":  # an image tokenizer only: shapes-tiny's with per-position norms
         shipped = load_recipe(CONFIGS / "shapes-tiny.yaml")
         assert [s.type for s in r.stages] == ["image_tokenizer"] and r.stages[0] == shipped.stages[0]
