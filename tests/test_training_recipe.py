@@ -1,5 +1,6 @@
 """Recipe parsing: strict keys and types, errors that name the key path, value checks, bundled recipes load."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,23 @@ def test_recipe_model_options_reach_the_built_model():
         model, _ = _fresh_model(m, seed=0, tokenizer=tokenizer, vq=None, index=0)
         assert model.config.shift_logits and model.config.image_slot_embeddings == slots
         assert hasattr(model.model, "image_slot_embed") == slots
+
+
+SHIPPED_CHAIN = ["shapes-tiny", "shapes-tiny-questions", "shapes-tiny-polish", "shapes-tiny-read",
+                 "shapes-tiny-drawn-digits", "experiments/shapes-tiny-vq-pixel", "experiments/shapes-tiny-draw-pixel",
+                 "experiments/shapes-tiny-draw-pixel-more", "experiments/shapes-tiny-draw-pixel-2k",
+                 "experiments/shapes-tiny-read-pixel"]
+
+
+def test_the_bundled_models_recipes_form_one_chain():
+    """Each recipe of the bundled model continues the last one's output, and the tokenizer it ships is recipe 6's."""
+    recipes = {name: load_recipe(CONFIGS / f"{name}.yaml") for name in SHIPPED_CHAIN}
+    models = [n for n in SHIPPED_CHAIN if n != "experiments/shapes-tiny-vq-pixel"]  # that one trains a tokenizer only
+    assert recipes[models[0]].model.init_from is None
+    for before, after in zip(models, models[1:]):
+        assert recipes[after].model.init_from == f"{recipes[before].output_dir}/model", after
+    vq = recipes["experiments/shapes-tiny-vq-pixel"]
+    draw = recipes["experiments/shapes-tiny-draw-pixel"].model
+    assert draw.image_tokenizer_path == f"{vq.output_dir}/image_tokenizer"
+    shipped = json.loads((CONFIGS.parent / "mmdlm" / "weights" / "shapes-tiny" / "config.json").read_text())
+    assert shipped["image_tokenizer_config"]["norm"] == vq.model.image_tokenizer["norm"] == "pixel"
