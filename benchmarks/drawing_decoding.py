@@ -3,14 +3,20 @@ guidance scale, MaskGIT steps and sampling temperature, on validation scenes: th
 at a scene seed of its own (default 1), so that picking a default here does not tune on the report's scenes (seed
 12345). Every setting draws the same prompts with the same sampling seeds.
 
-    python benchmarks/drawing_decoding.py --model shapes-tiny --n 300 --guidance-scales 2 3.5 5 7 \\
-        --image-steps 16 32 --out benchmarks/results/drawing-decoding/read-mix
+    python benchmarks/drawing_decoding.py --model shapes-tiny --n 300 --guidance-scales 1 2 3.5 5 \\
+        --out runs/drawing-decoding/a
+
+``--merge`` joins the settings of runs on the same model, scenes and seeds into one result and plot:
+
+    python benchmarks/drawing_decoding.py --merge runs/drawing-decoding/a/result.json \\
+        runs/drawing-decoding/b/result.json --out benchmarks/results/drawing-decoding/read-mix-2
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 import time
@@ -66,6 +72,32 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+SAME_RUN_KEYS = ("model", "split", "scene_seed", "prompts", "sampling_seed", "batch_size")
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs of this script on the same model, scenes and seeds: their settings together,
+    sorted; a setting measured twice must agree, since the same seeds draw the same images."""
+    first = results[0]
+    for r in results[1:]:
+        differ = [k for k in SAME_RUN_KEYS if r[k] != first[k]]
+        if differ:
+            raise ValueError(f"cannot merge runs that differ in {differ}: rerun them with the same arguments")
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        for row in r["settings"]:
+            key = (row["guidance_scale"], row["image_steps"], row["temperature"])
+            if key in rows and rows[key]["all_correct"] != row["all_correct"]:
+                raise ValueError(f"setting {key} was measured twice with different results")
+            rows.setdefault(key, row)
+    return {**{k: first[k] for k in SAME_RUN_KEYS}, "settings": [rows[k] for k in sorted(rows)]}
+
+
+def _title(result: dict[str, Any]) -> str:
+    return (f"{result['model']}: drawing decoding\n({result['split']} split at scene seed {result['scene_seed']}, "
+            f"{result['prompts']} prompts)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shapes_arguments(ap, "prompts (scenes of the split; default 100)")
@@ -76,8 +108,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="seed of the validation scenes (default 1; the eval report's scenes use 12345)")
     ap.add_argument("--batch-size", type=int, default=50, help="prompts drawn per call (default 50)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first call (default 0)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON", default=None,
+                    help="merge these result.json files of earlier runs instead of drawing")
     ap.add_argument("--out", default=None, help="folder for result.json and sweep.png")
     args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else None
+    if args.merge:
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            plot_sweep(result["settings"], out / "sweep.png", _title(result))
+        print_and_save(result, str(out / "result.json") if out else None)
+        return
     if args.n < 1 or args.batch_size < 1 or min(args.image_steps) < 1:
         ap.error("--n, --batch-size and --image-steps must be positive")
     if min(args.guidance_scales) < 0 or min(args.temperatures) < 0:
@@ -97,11 +139,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * row['all_correct']:.1f}% ± {100 * row['ci95']:.1f} ({row['seconds']} s)", file=sys.stderr)
     result = {"model": args.model, "split": args.split, "scene_seed": args.scene_seed, "prompts": args.n,
               "sampling_seed": args.seed, "batch_size": args.batch_size, "settings": rows}
-    out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        plot_sweep(rows, out / "sweep.png", f"{args.model}: drawing decoding\n"
-                                            f"({args.split} split at scene seed {args.scene_seed}, {args.n} prompts)")
+        plot_sweep(rows, out / "sweep.png", _title(result))
     print_and_save(result, str(out / "result.json") if out else None)
 
 

@@ -47,3 +47,28 @@ def test_main_sweeps_every_combination_and_writes_the_plot(tiny_pipeline, tmp_pa
         assert im.format == "PNG" and im.size[0] > 300
     with pytest.raises(SystemExit):
         drawing_decoding.main(["--image-steps", "0"])
+
+
+def _result(scales, seed=0, all_correct=0.5):
+    rows = [{"guidance_scale": g, "image_steps": 16, "temperature": 1.0, "all_correct": all_correct, "ci95": 0.1,
+             "attributes": {a: 0.9 for a in drawing_decoding.ATTRIBUTES}, "seconds": 1.0} for g in scales]
+    return {"model": "m", "split": "test", "scene_seed": 1, "prompts": 300, "sampling_seed": seed, "batch_size": 50,
+            "settings": rows}
+
+
+def test_merge_joins_runs_of_the_same_scenes_and_refuses_others(tmp_path, capsys):
+    merged = drawing_decoding.merge_results([_result([3.5, 1.0]), _result([0.0, 1.0])])
+    assert [r["guidance_scale"] for r in merged["settings"]] == [0.0, 1.0, 3.5]
+    with pytest.raises(ValueError, match="sampling_seed"):
+        drawing_decoding.merge_results([_result([1.0]), _result([2.0], seed=7)])
+    with pytest.raises(ValueError, match="measured twice"):
+        drawing_decoding.merge_results([_result([1.0]), _result([1.0], all_correct=0.6)])
+    files = []
+    for i, scales in enumerate(([2.0], [0.5])):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(_result(scales)))
+    drawing_decoding.main(["--merge", *map(str, files), "--out", str(tmp_path / "merged")])
+    saved = json.loads((tmp_path / "merged" / "result.json").read_text())
+    assert [r["guidance_scale"] for r in saved["settings"]] == [0.5, 2.0]
+    assert json.loads(capsys.readouterr().out) == saved
+    assert (tmp_path / "merged" / "sweep.png").stat().st_size > 1000
