@@ -59,10 +59,12 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
-    for (steps, temp) in sorted({(r["image_steps"], r["temperature"]) for r in rows}):
+    series = sorted({(r["image_steps"], r["temperature"]) for r in rows})
+    for i, (steps, temp) in enumerate(series):
         line = sorted((r for r in rows if (r["image_steps"], r["temperature"]) == (steps, temp)),
                       key=lambda r: r["guidance_scale"])
-        ax.errorbar([r["guidance_scale"] for r in line], [100 * r["all_correct"] for r in line],
+        dx = 0.06 * (i - (len(series) - 1) / 2)  # side by side where series share a guidance scale
+        ax.errorbar([r["guidance_scale"] + dx for r in line], [100 * r["all_correct"] for r in line],
                     yerr=[100 * r["ci95"] for r in line], marker="o", capsize=3,
                     label=f"{steps} steps, temperature {temp:g}")
     ax.set(xlabel="classifier-free guidance scale", ylabel="all attributes right (%)")
