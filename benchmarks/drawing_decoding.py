@@ -37,18 +37,17 @@ def binomial_halfwidth(p: float, n: int) -> float:
 def draw_and_score(pipe: Any, samples: Sequence[Any], batch_size: int, seed: int, **drawing: Any) -> dict[str, Any]:
     """Draw every sample's caption (``batch_size`` a call, sampling seeds seed, seed + 1, ...) and score the drawings
     with the eval's Shapes checker; returns all-correct, per-attribute accuracy and the drawing time."""
-    from mmdlm.eval.checkers import score_drawn_scene
+    from mmdlm.eval.checkers import score_drawn_scene, summarize_drawn_scenes
 
     checks, start = [], time.perf_counter()
     for b, first in enumerate(range(0, len(samples), batch_size)):
         chunk = samples[first:first + batch_size]
         images = pipe.generate_image([s.caption for s in chunk], seed=seed + b, **drawing)
         checks += [score_drawn_scene(im, s.scene) for im, s in zip(images, chunk)]
-    n = len(checks)
-    all_correct = sum(c["all_correct"] for c in checks) / n
-    return {"all_correct": all_correct, "ci95": binomial_halfwidth(all_correct, n),
-            "attributes": {a: sum(c[a] for c in checks) / n for a in ATTRIBUTES},
-            "seconds": round(time.perf_counter() - start, 1)}
+    summary = summarize_drawn_scenes(checks)
+    all_correct = summary["t2i_all_correct"]
+    return {"all_correct": all_correct, "ci95": binomial_halfwidth(all_correct, len(checks)),
+            "attributes": summary["t2i_attribute_accuracy"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:

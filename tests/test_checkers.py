@@ -104,3 +104,17 @@ def test_digit_classifier_interface(classifier):
         classifier.score(images, [1, 2])
     with pytest.raises(TypeError):
         classifier.predict(images[0])
+
+
+def test_summarize_drawn_scenes_averages_each_attribute():
+    from mmdlm.eval.checkers import DRAWING_ATTRIBUTES, summarize_drawn_scenes
+
+    scores = [{"all_correct": True, "count": True, "color": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0},
+              {"all_correct": False, "count": False, "color": 0.5, "shape": 0.0, "size": 1.0, "position": 0.5}]
+    summary = summarize_drawn_scenes(scores)
+    assert summary["t2i_all_correct"] == 0.5
+    assert summary["t2i_attribute_accuracy"] == {"count": 0.5, "color": 0.75, "shape": 0.5, "size": 1.0,
+                                                 "position": 0.75}
+    assert list(summary["t2i_attribute_accuracy"]) == list(DRAWING_ATTRIBUTES)
+    empty = summarize_drawn_scenes([])
+    assert empty["t2i_all_correct"] != empty["t2i_all_correct"]  # NaN, as `mmdlm eval` reports an empty split

@@ -151,6 +151,19 @@ def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     return {**_match_scores(detected, reference), "detected": detected}
 
 
+DRAWING_ATTRIBUTES = ("count",) + ATTRIBUTES
+
+
+def summarize_drawn_scenes(scores: Sequence[dict]) -> dict:
+    """The means of `score_drawn_scene` results, as `mmdlm eval` reports drawings: ``t2i_all_correct`` and
+    ``t2i_attribute_accuracy`` (count, colour, shape, size, position; NaN when ``scores`` is empty)."""
+    def mean(key: str) -> float:
+        return float(sum(s[key] for s in scores) / len(scores)) if scores else float("nan")
+
+    return {"t2i_all_correct": mean("all_correct"),
+            "t2i_attribute_accuracy": {a: mean(a) for a in DRAWING_ATTRIBUTES}}
+
+
 def check_objects(image: Image.Image, caption_or_scene) -> list[dict]:
     """Each requested object of a prompt, read back from ``image`` as `score_drawn_scene` pairs objects: per object
     ``found``, ``color`` / ``shape`` / ``size`` / ``position`` (right or not), ``all_right`` and ``detected`` (the

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from ..data.digits import DIGIT_QUESTION, DIGIT_WORDS, digit_caption, load_digit_images
 from ..data.shapes import POSITIONS, QA, Shape, ShapesWorld
-from .checkers import DigitClassifier, normalize_answer, score_caption, score_drawn_scene
+from .checkers import DigitClassifier, normalize_answer, score_caption, score_drawn_scene, summarize_drawn_scenes
 
 SPLITS = ("test", "compositional", "digits")
 # Evaluation scenes use their own seed so they never coincide with training draws of the same split name.
@@ -117,10 +117,7 @@ def evaluate_shapes(pipe, split: str, n: int, *, batch_size: int = 32, draw: boo
             imgs = pipe.generate_image([s.caption for s in chunk], seed=seed + i, **drawing)
             drawn += imgs
             draw_scores += [score_drawn_scene(img, s.scene) for img, s in zip(imgs, chunk)]
-        metrics["t2i_all_correct"] = _mean([d["all_correct"] for d in draw_scores])
-        metrics["t2i_attribute_accuracy"] = {
-            a: _mean([d[a] for d in draw_scores]) for a in ("count", "color", "shape", "size", "position")
-        }
+        metrics.update(summarize_drawn_scenes(draw_scores))
         report.update(drawn=drawn[:16], prompts=[s.caption for s in samples[:16]])
     return metrics, report
 

@@ -13,11 +13,10 @@ from PIL import Image
 
 from ..data.digits import load_digit_images
 from ..data.shapes import ShapesWorld
-from .checkers import DigitClassifier, score_drawn_scene
-from .evaluate import EVAL_SEED, _batched, _mean
+from .checkers import DigitClassifier, score_drawn_scene, summarize_drawn_scenes
+from .evaluate import EVAL_SEED, _batched
 
 SPLITS = ("test", "compositional", "digits")
-ATTRIBUTES = ("count", "color", "shape", "size", "position")
 
 
 @torch.no_grad()
@@ -58,8 +57,7 @@ def score_reconstructions(vq: Any, *, splits: Sequence[str] = SPLITS, n: int = 2
         samples = list(ShapesWorld(split, n, seed))
         rebuilt = reconstruct(vq, [s.image for s in samples], batch_size)
         scores = [score_drawn_scene(img, s.scene) for img, s in zip(rebuilt, samples)]
-        results[split] = {"n": n, "t2i_all_correct": _mean([d["all_correct"] for d in scores]),
-                          "t2i_attribute_accuracy": {a: _mean([d[a] for d in scores]) for a in ATTRIBUTES}}
+        results[split] = {"n": n, **summarize_drawn_scenes(scores)}
     return results
 
 
