@@ -402,7 +402,8 @@ SHIPPED_CHAIN = ["shapes-tiny", "shapes-tiny-questions", "shapes-tiny-polish", "
                  "experiments/shapes-tiny-draw-pixel-more", "experiments/shapes-tiny-draw-pixel-2k",
                  "experiments/shapes-tiny-read-pixel", "experiments/shapes-tiny-draw-mix",
                  "experiments/shapes-tiny-draw-mix-2", "experiments/shapes-tiny-read-mix",
-                 "experiments/shapes-tiny-draw-mix-3", "experiments/shapes-tiny-read-mix-2"]
+                 "experiments/shapes-tiny-draw-mix-3", "experiments/shapes-tiny-read-mix-2",
+                 "experiments/shapes-tiny-draw-mix-4"]
 
 
 def test_the_bundled_models_recipes_form_one_chain():
