@@ -358,6 +358,11 @@ def test_bundled_recipes_load(name):
         assert (stage.pop("steps"), polish_draw.pop("steps")) == (800, 300)
         stage.pop("eval_every"), polish_draw.pop("eval_every")
         assert stage == polish_draw
+    if name == "experiments/shapes-tiny-draw-mix-5":  # round 17: draw-mix-4's stage again, on draw-mix-4's model
+        more, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-draw-mix-4.yaml").to_dict()
+        assert more["model"].pop("init_from") == f"{base['output_dir']}/model"
+        base["model"].pop("init_from"), more.pop("output_dir"), base.pop("output_dir")
+        assert more == base
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
