@@ -36,7 +36,8 @@ def binomial_halfwidth(p: float, n: int) -> float:
 
 def draw_and_score(pipe: Any, samples: Sequence[Any], batch_size: int, seed: int, **drawing: Any) -> dict[str, Any]:
     """Draw every sample's caption (``batch_size`` a call, sampling seeds seed, seed + 1, ...) and score the drawings
-    with the eval's Shapes checker; returns all-correct, per-attribute accuracy and the drawing time."""
+    with the eval's Shapes checker; returns all-correct, per-attribute accuracy, all-correct by the number of objects
+    asked for and the drawing time."""
     from mmdlm.eval.checkers import score_drawn_scene, summarize_drawn_scenes
 
     checks, start = [], time.perf_counter()
@@ -47,7 +48,8 @@ def draw_and_score(pipe: Any, samples: Sequence[Any], batch_size: int, seed: int
     summary = summarize_drawn_scenes(checks)
     all_correct = summary["t2i_all_correct"]
     return {"all_correct": all_correct, "ci95": binomial_halfwidth(all_correct, len(checks)),
-            "attributes": summary["t2i_attribute_accuracy"], "seconds": round(time.perf_counter() - start, 1)}
+            "attributes": summary["t2i_attribute_accuracy"], "by_objects": summary["t2i_by_objects"],
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -116,5 +116,20 @@ def test_summarize_drawn_scenes_averages_each_attribute():
     assert summary["t2i_attribute_accuracy"] == {"count": 0.5, "color": 0.75, "shape": 0.5, "size": 1.0,
                                                  "position": 0.75}
     assert list(summary["t2i_attribute_accuracy"]) == list(DRAWING_ATTRIBUTES)
+    assert summary["t2i_by_objects"] == {}  # these scores do not say how many objects were asked for
     empty = summarize_drawn_scenes([])
     assert empty["t2i_all_correct"] != empty["t2i_all_correct"]  # NaN, as `mmdlm eval` reports an empty split
+
+
+def test_drawings_are_summarised_by_the_number_of_objects_asked_for():
+    from mmdlm.eval.checkers import summarize_drawn_scenes
+
+    scenes = [s.scene for s in ShapesWorld("test", 40, 3)]
+    scores = []
+    for scene in scenes:  # scenes of two objects drawn blank: every one of them wrong, the others right
+        image = render_scene(scene) if len(scene.shapes) != 2 else Image.new("RGB", (64, 64), "white")
+        scores.append(score_drawn_scene(image, scene))
+    assert [s["requested"] for s in scores] == [len(s.shapes) for s in scenes]
+    by_objects = summarize_drawn_scenes(scores)["t2i_by_objects"]
+    assert set(by_objects) == {"1", "2", "3"} and by_objects["2"] == 0.0
+    assert by_objects["1"] >= 0.9 and by_objects["3"] >= 0.9  # the checker passes real renders

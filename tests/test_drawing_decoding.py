@@ -29,6 +29,7 @@ def test_scores_match_the_evaluation_at_the_same_scenes_and_seeds(tiny_pipeline)
     row = drawing_decoding.draw_and_score(tiny_pipeline, samples, batch_size=4, seed=EVAL_SEED, **drawing)
     assert row["all_correct"] == metrics["t2i_all_correct"]
     assert row["attributes"] == metrics["t2i_attribute_accuracy"]
+    assert row["by_objects"] == metrics["t2i_by_objects"] and set(row["by_objects"]) <= {"1", "2", "3"}
 
 
 def test_main_sweeps_every_combination_and_writes_the_plot(tiny_pipeline, tmp_path, monkeypatch, capsys):

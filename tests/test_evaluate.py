@@ -71,7 +71,10 @@ def test_ground_truth_scores_full_marks_and_files_are_written(tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["drawing"] == {"steps": 5, "guidance_scale": 0.0} and saved["splits"]["test"]["vqa_accuracy"] == 1.0
     assert (tmp_path / "captions-test.png").is_file() and (tmp_path / "drawn-digits.png").is_file()
-    assert "| test | 100.0% | 100.0% |" in (tmp_path / "eval.md").read_text()
+    report = (tmp_path / "eval.md").read_text()
+    assert "| test | 100.0% | 100.0% |" in report
+    assert results["splits"]["test"]["t2i_by_objects"] and "asked for" in report  # drawings by number of objects
+    assert "| digits | count" not in report  # the digits split draws digits, not scenes: no drawing breakdown
 
 
 def test_a_wrong_question_type_shows_in_its_column_only():

@@ -144,24 +144,33 @@ def score_drawn_scene(image: Image.Image, caption_or_scene) -> dict:
     A caption that `parse_caption` rejects raises ValueError.
 
     Returns {"count": bool, "color"/"shape"/"size"/"position": fraction of requested objects drawn with that
-    attribute right, "all_correct": bool, "detected": the detector's output}.
+    attribute right, "all_correct": bool, "requested": the number of objects asked for, "detected": the detector's
+    output}.
     """
     reference = scene_objects(caption_or_scene)
     detected = detect_shapes(image)
-    return {**_match_scores(detected, reference), "detected": detected}
+    return {**_match_scores(detected, reference), "requested": len(reference), "detected": detected}
 
 
 DRAWING_ATTRIBUTES = ("count",) + ATTRIBUTES
 
 
 def summarize_drawn_scenes(scores: Sequence[dict]) -> dict:
-    """The means of `score_drawn_scene` results, as `mmdlm eval` reports drawings: ``t2i_all_correct`` and
-    ``t2i_attribute_accuracy`` (count, colour, shape, size, position; NaN when ``scores`` is empty)."""
-    def mean(key: str) -> float:
-        return float(sum(s[key] for s in scores) / len(scores)) if scores else float("nan")
+    """The means of `score_drawn_scene` results, as `mmdlm eval` reports drawings: ``t2i_all_correct``,
+    ``t2i_attribute_accuracy`` (count, colour, shape, size, position; NaN when ``scores`` is empty) and
+    ``t2i_by_objects`` (all-correct by the number of objects the prompt asks for, where the scores say it)."""
+    def mean(key: str, rows: Sequence[dict] = scores) -> float:
+        return float(sum(s[key] for s in rows) / len(rows)) if rows else float("nan")
 
+    # A scene of three objects is three chances to get one wrong: this says whether drawing fails per object or
+    # per scene (binding, count) as prompts grow.
+    by_objects: dict[int, list[dict]] = {}
+    for s in scores:
+        if "requested" in s:
+            by_objects.setdefault(s["requested"], []).append(s)
     return {"t2i_all_correct": mean("all_correct"),
-            "t2i_attribute_accuracy": {a: mean(a) for a in DRAWING_ATTRIBUTES}}
+            "t2i_attribute_accuracy": {a: mean(a) for a in DRAWING_ATTRIBUTES},
+            "t2i_by_objects": {str(k): mean("all_correct", v) for k, v in sorted(by_objects.items())}}
 
 
 def check_objects(image: Image.Image, caption_or_scene) -> list[dict]:
