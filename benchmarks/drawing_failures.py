@@ -35,24 +35,30 @@ def classify_drawing(score: dict[str, Any]) -> str:
 
 def tally_failures(scenes: Sequence[Any], images: Sequence[Any]) -> dict[str, Any]:
     """Score each drawing against its scene with the eval's checker and count failure kinds by the number of objects
-    asked for, colour and shape confusions (asked -> drawn, among paired objects) and objects not drawn."""
+    asked for, colour and shape confusions (asked -> drawn, among paired objects; how many of the wrong ones another
+    object of the prompt asks for) and objects not drawn."""
     from mmdlm.eval.checkers import check_objects, score_drawn_scene
 
     kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     confusions = {"color": collections.Counter(), "shape": collections.Counter()}
+    # A wrong colour that another object of the prompt asks for was bound to the wrong object; any other is the
+    # object's own colour drawn badly.
+    borrowed = {"color": 0, "shape": 0}
     missing: collections.Counter = collections.Counter()
     objects = 0
     for scene, image in zip(scenes, images, strict=True):
         score = score_drawn_scene(image, scene)
         kinds[str(score["requested"])][classify_drawing(score)] += 1
-        for want, got in zip(scene.shapes, check_objects(image, scene)):
+        for j, (want, got) in enumerate(zip(scene.shapes, check_objects(image, scene))):
             objects += 1
             if got["detected"] is None:
                 missing[want.shape] += 1
                 continue
             for attr, counter in confusions.items():
                 if not got[attr]:
-                    counter[f"{getattr(want, attr)} -> {got['detected'][attr]}"] += 1
+                    drawn = got["detected"][attr]
+                    counter[f"{getattr(want, attr)} -> {drawn}"] += 1
+                    borrowed[attr] += any(getattr(o, attr) == drawn for i, o in enumerate(scene.shapes) if i != j)
     prompts = sum(sum(c.values()) for c in kinds.values())
     return {
         "all_correct": sum(c["right"] for c in kinds.values()) / prompts if prompts else float("nan"),
@@ -61,6 +67,7 @@ def tally_failures(scenes: Sequence[Any], images: Sequence[Any]) -> dict[str, An
         "missing_objects": dict(missing.most_common()),
         "color_confusions": dict(confusions["color"].most_common()),
         "shape_confusions": dict(confusions["shape"].most_common()),
+        "borrowed_from_another_object": borrowed,
     }
 
 

@@ -18,13 +18,17 @@ _spec.loader.exec_module(drawing_failures)
 
 
 def _scenes(k: int, n: int = 6) -> list[Scene]:
-    return [s.scene for s in ShapesWorld("test", 200, 5) if len(s.scene.shapes) == k][:n]
+    """``n`` test scenes of ``k`` objects, no two of one colour."""
+    return [s.scene for s in ShapesWorld("test", 200, 5)
+            if len(s.scene.shapes) == k and len({o.color for o in s.scene.shapes}) == k][:n]
 
 
 def test_known_faults_land_in_their_kind_and_confusion():
     two, three = _scenes(2), _scenes(3)
-    recolour = {"red": "blue", "blue": "red"}
-    drawn_as = [recolour.get(sc.shapes[0].color, "red") for sc in two]
+    # half take the other object's colour (bound to the wrong object), half one that no object of theirs has
+    drawn_as = [sc.shapes[1].color if i % 2 else
+                next(c for c in ("red", "blue", "green") if c not in {o.color for o in sc.shapes})
+                for i, sc in enumerate(two)]
     recoloured = [Scene([dataclasses.replace(sc.shapes[0], color=c, rgb=COLORS[c]), *sc.shapes[1:]])
                   for sc, c in zip(two, drawn_as)]
     scenes = two + two + three
@@ -37,6 +41,7 @@ def test_known_faults_land_in_their_kind_and_confusion():
     assert result["by_objects"]["3"] == {"prompts": 6, "fewer objects": 6} and result["all_correct"] == 0.0
     assert sum(result["color_confusions"].values()) == 6
     assert all(f"{sc.shapes[0].color} -> {c}" in result["color_confusions"] for sc, c in zip(two, drawn_as))
+    assert result["borrowed_from_another_object"] == {"color": 3, "shape": 0}
     assert result["objects"] == 2 * 2 * 6 + 3 * 6
     assert sum(result["missing_objects"].values()) == 2 * 6 + 6  # the blank canvases' objects and the left-out ones
 
