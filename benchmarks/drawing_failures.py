@@ -83,9 +83,11 @@ def plot_failures(result: dict[str, Any], path: Path) -> None:
                    key=lambda k: -sum(g.get(k, 0) for g in groups.values()))
     fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
     bottom = [0.0] * len(groups)
-    for kind in ["right", *kinds]:
+    failure_colors = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 2]  # tab10's green is kept for "right"
+    for i, kind in enumerate(["right", *kinds]):
         share = [100 * g.get(kind, 0) / g["prompts"] for g in groups.values()]
-        ax.bar(list(groups), share, bottom=bottom, label=kind, color="#4c9a5b" if kind == "right" else None)
+        color = plt.cm.tab10.colors[2] if kind == "right" else failure_colors[(i - 1) % len(failure_colors)]
+        ax.bar(list(groups), share, bottom=bottom, label=kind, color=color)
         bottom = [b + s for b, s in zip(bottom, share)]
     ax.set(xlabel="objects asked for", ylabel="prompts (%)")
     ax.set_title(f"{result['model']}: Shapes drawings by outcome ({result['prompts']} validation prompts)", fontsize=9)
