@@ -176,8 +176,9 @@ def format_table(results: dict) -> str:
     if by_objects:
         lines += ["", "| split | VQA accuracy by number of objects in the scene |", "|---|---|"] + by_objects
     drawings = [f"| {s} | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["t2i_attribute_accuracy"].items())
-                + "".join(f"; all right with {k} object{'s' * (k != '1')} asked for {100 * v:.1f}%"
-                          for k, v in m.get("t2i_by_objects", {}).items()) + " |"
+                + ("; all right by number of objects asked for: " + ", ".join(
+                    f"{k}: {100 * v:.1f}%" for k, v in m["t2i_by_objects"].items()) if m.get("t2i_by_objects") else "")
+                + " |"
                 for s, m in results["splits"].items() if m.get("t2i_attribute_accuracy")]
     if drawings:
         lines += ["", "| split | drawings: attributes right, and all right by number of objects |", "|---|---|"]
