@@ -5,6 +5,9 @@ scenes (scene seed 1, as benchmarks/drawing_decoding.py; the same batches and sa
 figure is that script's at the model's default settings).
 
     python benchmarks/drawing_failures.py --model shapes-tiny --n 300 --out runs/drawing-failures
+
+``--reconstructions`` tallies the model's image tokenizer's reconstructions of the real scenes instead: the failures
+that drawing through that tokenizer cannot avoid.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def plot_failures(result: dict[str, Any], path: Path) -> None:
         ax.bar(list(groups), share, bottom=bottom, label=kind, color=color)
         bottom = [b + s for b, s in zip(bottom, share)]
     ax.set(xlabel="objects asked for", ylabel="prompts (%)")
-    ax.set_title(f"{result['model']}: Shapes drawings by outcome ({result['prompts']} validation prompts)", fontsize=9)
+    what = "tokenizer reconstructions" if result.get("images") == "reconstructions" else "drawings"
+    ax.set_title(f"{result['model']}: Shapes {what} by outcome ({result['prompts']} validation prompts)", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     save_figure(fig, path)
 
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="seed of the validation scenes (default 1; the eval report's scenes use 12345)")
     ap.add_argument("--batch-size", type=int, default=50, help="prompts drawn per call (default 50)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first call (default 0)")
+    ap.add_argument("--reconstructions", action="store_true",
+                    help="tally the image tokenizer's reconstructions of the real scenes instead of drawings")
     ap.add_argument("--out", default=None, help="folder for result.json and failures.png")
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
@@ -109,14 +115,20 @@ def main(argv: list[str] | None = None) -> None:
     import mmdlm
     from mmdlm.data.shapes import ShapesWorld
 
-    pipe = mmdlm.load(args.model, device="cpu")
     world = ShapesWorld(args.split, args.n, seed=args.scene_seed)
     samples = [world[i] for i in range(args.n)]
     images, start = [], time.perf_counter()
-    for b, first in enumerate(range(0, len(samples), args.batch_size)):
-        chunk = samples[first:first + args.batch_size]
-        images += pipe.generate_image([s.caption for s in chunk], seed=args.seed + b)
-    result = {"model": args.model, "split": args.split, "scene_seed": args.scene_seed, "prompts": args.n,
+    if args.reconstructions:
+        from mmdlm.eval.reconstruction import load_image_tokenizer, reconstruct
+
+        images = reconstruct(load_image_tokenizer(args.model), [s.image for s in samples], args.batch_size)
+    else:
+        pipe = mmdlm.load(args.model, device="cpu")
+        for b, first in enumerate(range(0, len(samples), args.batch_size)):
+            chunk = samples[first:first + args.batch_size]
+            images += pipe.generate_image([s.caption for s in chunk], seed=args.seed + b)
+    result = {"model": args.model, "images": "reconstructions" if args.reconstructions else "drawings",
+              "split": args.split, "scene_seed": args.scene_seed, "prompts": args.n,
               "sampling_seed": args.seed, "batch_size": args.batch_size,
               **tally_failures([s.scene for s in samples], images),
               "seconds": round(time.perf_counter() - start, 1)}

@@ -74,5 +74,20 @@ def test_main_matches_the_decoding_sweep_and_writes_the_plot(tiny_pipeline, tmp_
     assert result["all_correct"] == row["all_correct"]  # the same drawings as the sweep at the default settings
     with Image.open(tmp_path / "failures.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
+    assert result["images"] == "drawings"
     with pytest.raises(SystemExit):
         drawing_failures.main(["--n", "0"])
+
+
+def test_reconstructions_are_tallied_instead_of_drawings(tiny_pipeline, monkeypatch, capsys):
+    import mmdlm
+    from mmdlm.eval.reconstruction import reconstruct
+
+    monkeypatch.setattr(mmdlm, "load", lambda model, device=None: tiny_pipeline)
+    drawing_failures.main(["--n", "4", "--reconstructions"])
+    result = json.loads(capsys.readouterr().out)
+    samples = [s for s in ShapesWorld("test", 4, seed=1)]
+    own = drawing_failures.tally_failures([s.scene for s in samples],
+                                          reconstruct(tiny_pipeline.model.image_tokenizer, [s.image for s in samples]))
+    assert result["images"] == "reconstructions" and result["all_correct"] == own["all_correct"]
+    assert result["by_objects"] == own["by_objects"]
