@@ -97,7 +97,7 @@ def test_round_five_variants(tmp_path, monkeypatch):
     s12, s13 = (load_recipe(p).to_dict() for p in sweep.write_recipes(["S12-slotpos-where", "S13-where"],
                                                                       tmp_path).values())
     where = {"type": "shapes", "split": "train", "n": 30000, "seed": 1, "tasks": ["vqa"], "question_types": ["position"],
-             "weight": 1.2}
+             "objects": None, "weight": 1.2}
     assert s12["data"]["sources"][-1] == s13["data"]["sources"][-1] == where
     assert s13["data"]["sources"][:-1] == shipped["data"]["sources"]
     assert s12["model"]["image_slot_embeddings"] and s12["stages"][-2]["steps"] == 1000
@@ -232,7 +232,7 @@ def test_prepared_probes_s16_and_s17(tmp_path):
     r = s17.to_dict()
     assert r["data"]["sources"][:-1] == shipped["data"]["sources"]
     assert r["data"]["sources"][-1] == {"type": "shapes", "split": "train", "n": 30000, "seed": 1, "tasks": ["vqa"],
-                                        "question_types": None, "weight": 1.0}
+                                        "question_types": None, "objects": None, "weight": 1.0}
     causal, diffusion = r["stages"][-2], r["stages"][-1]
     assert causal["source_weights"] == [1.2, 1.2, 3.0, 0.6, 1.0, 4.8] and causal["steps"] == 4500
     # the diffusion stage draws the shipped mixture: the shipped weights, and none of the added source

@@ -255,6 +255,16 @@ def test_question_types_keep_only_those_questions_of_the_same_scenes():
             shapes_examples("test", 3, tasks=("vqa",), question_types=bad)
 
 
+def test_objects_keep_only_the_scenes_of_those_sizes_among_the_same_n():
+    world = ShapesWorld("train", 30, seed=4)
+    drawn = shapes_examples("train", 30, seed=4, tasks=("t2i",), objects=[2, 3])
+    assert [e["prompt"] for e in drawn] == [s.caption for s in world if len(s.scene.shapes) in (2, 3)]
+    assert 0 < len(drawn) < 30
+    for bad in ([4], []):
+        with pytest.raises(ValueError, match="choose one or more of 1, 2, 3"):
+            shapes_examples("train", 3, tasks=("t2i",), objects=bad)
+
+
 def test_make_questions_deterministic_given_rng():
     scene = sample_scene(random.Random(3), "train")
     q1 = make_questions(scene, random.Random(9))

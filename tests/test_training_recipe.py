@@ -113,6 +113,14 @@ def test_shapes_question_types_are_checked_before_training():
         assert message.startswith("data.sources[0].question_types:") and "'position'" in message
 
 
+def test_shapes_objects_are_checked_before_training():
+    ok = recipe_from_dict(_base(data={"sources": [{"type": "shapes", "n": 4, "objects": [2, 3]}]}))
+    assert ok.data.sources[0].objects == [2, 3]
+    for bad in ([0, 2], []):
+        message = _error(_base(data={"sources": [{"type": "shapes", "n": 4, "objects": bad}]}))
+        assert message.startswith("data.sources[0].objects:") and "[1, 2, 3]" in message
+
+
 def test_residual_dropout_is_checked_before_training():
     assert recipe_from_dict(_base(model={"residual_dropout": 0.1})).model.residual_dropout == 0.1
     assert _error(_base(model={"residual_dropout": 1.5})).startswith("model.residual_dropout: a probability")

@@ -314,21 +314,26 @@ def chat_example(image: Image.Image, qas: Sequence[QA], rng: random.Random) -> d
 
 def shapes_examples(
     split: str, n: int, seed: int = 0, tasks: Sequence[str] = ("caption", "vqa", "t2i"),
-    question_types: Optional[Sequence[str]] = None,
+    question_types: Optional[Sequence[str]] = None, objects: Optional[Sequence[int]] = None,
 ) -> list[dict]:
     """Training examples from the first `n` scenes of a split: per scene one caption example, one VQA example per
     question from `make_questions`, one t2i example whose prompt is the caption, and one "chat" example that asks
     the caption and every question in one multi-turn conversation (as `tasks` selects). `question_types` (any of
-    `QUESTION_TYPES`; default all) keeps only those questions in the VQA and chat examples."""
+    `QUESTION_TYPES`; default all) keeps only those questions in the VQA and chat examples; `objects` (numbers of
+    objects, 1-3; default all) keeps only the scenes of those sizes among the `n`."""
     unknown = set(tasks) - set(SHAPES_TASKS)
     if unknown:
         raise ValueError(f"unknown Shapes tasks {sorted(unknown)}; use any of {SHAPES_TASKS}")
     unknown = set(question_types or ()) - set(QUESTION_TYPES)
     if unknown or (question_types is not None and not question_types):
         raise ValueError(f"question types {sorted(unknown) or '[]'}: choose one or more of {QUESTION_TYPES}")
+    if objects is not None and (not objects or not set(objects) <= {1, 2, 3}):
+        raise ValueError(f"objects {list(objects)}: choose one or more of 1, 2, 3 (objects in a scene)")
     keep = set(question_types or QUESTION_TYPES)
     examples = []
     for index, sample in enumerate(ShapesWorld(split, n, seed)):
+        if objects is not None and len(sample.scene.shapes) not in objects:
+            continue
         if "caption" in tasks:
             examples.append(understanding_example(sample.image, CAPTION_PROMPT, sample.caption, "caption"))
         if "vqa" in tasks:

@@ -20,6 +20,7 @@ class ShapesSource:
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa", "t2i"])
     question_types: Optional[list[str]] = None  # only these questions in "vqa" / "chat" rows (default: all)
+    objects: Optional[list[int]] = None  # only the scenes (of the n) with these numbers of objects (default: all)
     weight: float = 1.0
 
 
@@ -122,3 +123,6 @@ def check_source(src: Any, path: str) -> None:
                                                or not set(src.question_types) <= set(QUESTION_TYPES)):
             raise RecipeError(f"{path}.question_types: got {src.question_types}; choose one or more of "
                               f"{list(QUESTION_TYPES)}, or leave it out for all")
+        if src.objects is not None and (not src.objects or not set(src.objects) <= {1, 2, 3}):
+            raise RecipeError(f"{path}.objects: got {src.objects}; choose one or more of [1, 2, 3] (objects in a "
+                              "scene), or leave it out for all")

@@ -61,7 +61,7 @@ def load_source(src: Any, on_missing: str = "error") -> tuple[list[dict], list[s
         from ..data.shapes import shapes_examples
 
         return shapes_examples(src.split, src.n, seed=src.seed, tasks=tuple(src.tasks),
-                               question_types=src.question_types), []
+                               question_types=src.question_types, objects=src.objects), []
     if src.type == "digits":
         from ..data.digits import digit_examples
 
