@@ -371,6 +371,15 @@ def test_bundled_recipes_load(name):
         assert more["model"].pop("init_from") == f"{base['output_dir']}/model"
         base["model"].pop("init_from"), more.pop("output_dir"), base.pop("output_dir")
         assert more == base
+    if name == "experiments/shapes-tiny-draw-multi":  # draw-mix-5 with drawing rows weighted to multi-object scenes
+        multi, base = r.to_dict(), load_recipe(CONFIGS / "experiments" / "shapes-tiny-draw-mix-5.yaml").to_dict()
+        added = multi["data"]["sources"].pop(5)
+        assert (added["tasks"], added["objects"], added["seed"]) == (["t2i"], [2, 3], 2)
+        (old_t2i,) = [s for s in base["data"]["sources"] if s["type"] == "shapes" and s["tasks"] == ["t2i"]]
+        assert added["weight"] + multi["data"]["sources"][4]["weight"] == old_t2i["weight"]  # the same drawing share
+        multi["data"]["sources"][4]["weight"] = old_t2i["weight"]
+        multi.pop("output_dir"), base.pop("output_dir")
+        assert multi == base
     if name == "ar-twin":
         assert r.model.is_causal
     if name == "experiments/shapes-tiny-a2d":
