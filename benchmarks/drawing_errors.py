@@ -3,6 +3,7 @@ checker's matching) and tallied by its requested size and shape, with a confusio
 detected shape ("missed" when nothing was paired with it). Run on a model's drawings of the test prompts (the same
 drawings as ``mmdlm eval --splits test --n N`` at the same batch size) or, with ``--reconstructions``, on its image
 tokenizer's reconstructions of the real test images: the ceiling of drawing through that tokenizer.
+(benchmarks/drawing_failures.py tallies whole scenes instead: failure kinds by the number of objects asked for.)
 
     python benchmarks/drawing_errors.py --model shapes-tiny --n 100 --out benchmarks/results/drawing-errors/shipped
     python benchmarks/drawing_errors.py --model shapes-tiny --n 1000 --reconstructions \\

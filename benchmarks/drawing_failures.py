@@ -1,8 +1,10 @@
-"""Where Shapes drawings fail: each prompt's drawing sorted into right, fewer or more objects than asked, or which
-attributes are wrong, by the number of objects asked for; and per requested object, the colours and shapes drawn
-in place of the ones asked and the objects not drawn at all. Drawn with the model's default sampler on validation
-scenes (scene seed 1, as benchmarks/drawing_decoding.py; the same batches and sampling seeds, so the all-correct
-figure is that script's at the model's default settings).
+"""Where Shapes drawings fail, scene by scene: each prompt's drawing sorted into right, fewer or more objects than
+asked, or which attributes are wrong, by the number of objects asked for; and per requested object, the colours and
+shapes drawn in place of the ones asked (and how many of them another object of the prompt asks for) and the objects
+not drawn at all. Drawn with the model's default sampler on validation scenes (scene seed 1, as
+benchmarks/drawing_decoding.py; the same batches and sampling seeds, so the all-correct figure is that script's at
+the model's default settings). benchmarks/drawing_errors.py tallies objects instead, by requested size and shape,
+on the report's scenes.
 
     python benchmarks/drawing_failures.py --model shapes-tiny --n 300 --out runs/drawing-failures
 
