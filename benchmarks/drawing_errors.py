@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from json_report import add_shapes_arguments, print_and_save, save_figure  # noqa: E402
+from json_report import add_shapes_arguments, print_and_save, save_figure, scene_images  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
@@ -104,21 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--n and --batch-size must be at least 1")
 
     from mmdlm.data.shapes import ShapesWorld
-    from mmdlm.eval.evaluate import EVAL_SEED, _batched
+    from mmdlm.eval.evaluate import EVAL_SEED
 
     samples = list(ShapesWorld(args.split, args.n, EVAL_SEED))
     start = time.perf_counter()
-    if args.reconstructions:
-        from mmdlm.eval.reconstruction import load_image_tokenizer, reconstruct
-
-        images = reconstruct(load_image_tokenizer(args.model), [s.image for s in samples], args.batch_size)
-    else:
-        import mmdlm
-
-        pipe = mmdlm.load(args.model)
-        images = []
-        for i, chunk in enumerate(_batched(samples, args.batch_size)):
-            images += pipe.generate_image([s.caption for s in chunk], seed=EVAL_SEED + i)
+    images = scene_images(args.model, samples, args.batch_size, EVAL_SEED, args.reconstructions)
     result = {"model": args.model, "split": args.split, "n": args.n,
               "images": "reconstructions" if args.reconstructions else "drawings",
               "seconds": round(time.perf_counter() - start, 1), **tally_objects(images, [s.scene for s in samples])}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from json_report import add_shapes_arguments, print_and_save, save_figure  # noqa: E402
+from json_report import add_shapes_arguments, print_and_save, save_figure, scene_images  # noqa: E402
 
 OBJECT_ATTRIBUTES = ("color", "shape", "size", "position")
 
@@ -114,21 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         ap.error("--n and --batch-size must be positive")
-    import mmdlm
     from mmdlm.data.shapes import ShapesWorld
 
     world = ShapesWorld(args.split, args.n, seed=args.scene_seed)
     samples = [world[i] for i in range(args.n)]
-    images, start = [], time.perf_counter()
-    if args.reconstructions:
-        from mmdlm.eval.reconstruction import load_image_tokenizer, reconstruct
-
-        images = reconstruct(load_image_tokenizer(args.model), [s.image for s in samples], args.batch_size)
-    else:
-        pipe = mmdlm.load(args.model, device="cpu")
-        for b, first in enumerate(range(0, len(samples), args.batch_size)):
-            chunk = samples[first:first + args.batch_size]
-            images += pipe.generate_image([s.caption for s in chunk], seed=args.seed + b)
+    start = time.perf_counter()
+    images = scene_images(args.model, samples, args.batch_size, args.seed, args.reconstructions, device="cpu")
     result = {"model": args.model, "images": "reconstructions" if args.reconstructions else "drawings",
               "split": args.split, "scene_seed": args.scene_seed, "prompts": args.n,
               "sampling_seed": args.seed, "batch_size": args.batch_size,
